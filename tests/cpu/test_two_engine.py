@@ -1,0 +1,110 @@
+"""Prefill (kv_producer) and decode (kv_consumer) engines exchange KV.
+
+The protocol of one request through the xPyD proxy: the proxy mints
+``___prefill_addr_…___decode_addr_…_<uuid>``; the API server of each engine
+turns it into ``cmpl-<id>-<prompt index>``; each engine's InputProcessor
+randomizes that (unless VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1). The prefill
+engine runs the prompt with max_tokens=1 and saves every layer's KV; then the
+decode engine schedules the request, loads the KV, and generates.
+
+What a user would see when the KV does not arrive under the key the decode
+engine waits for: PUT/PUT_ASYNC decode waits forever (here: the test's
+timeout); GET decode computes on KV it never received (wrong text).
+"""
+
+import pytest
+
+from .pd import (
+    DECODE_KV_PORT,
+    LAYERS,
+    MAX_NUM_BATCHED_TOKENS,
+    PREFILL_KV_PORT,
+    PDEngine,
+    expected_kv,
+    proxy_request_id,
+    reference_tokens,
+)
+
+# A hang of the decode engine ends the test after this many seconds.
+HANG_TIMEOUT_S = 30
+DECODE_MAX_TOKENS = 4
+
+WORKLOADS = {
+    # name: list of (prompt length, n, API-server id prefix)
+    "one": [(37, 1, "cmpl")],
+    # The seven short prompts (115 tokens) and 13 tokens of the long one share
+    # the first step; the long prompt's prefill goes on in two more chunks.
+    "concurrent8": [
+        (5, 1, "cmpl"),
+        (17, 1, "chatcmpl"),
+        (33, 1, "cmpl"),
+        (9, 1, "chatcmpl"),
+        (23, 1, "cmpl"),
+        (16, 1, "cmpl"),
+        (12, 1, "chatcmpl"),
+        (MAX_NUM_BATCHED_TOKENS + 33, 1, "cmpl"),  # chunked prefill
+    ],
+    "n2": [(29, 2, "cmpl")],
+}
+
+
+def make_prompt(index: int, length: int) -> list[int]:
+    return [(index * 131 + i * 7) % 990 + 5 for i in range(length)]
+
+
+@pytest.mark.timeout(HANG_TIMEOUT_S)
+@pytest.mark.parametrize("workload", list(WORKLOADS))
+@pytest.mark.parametrize("randomization", ["on", "off"])
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
+def test_pd_transfer(network, tiny_model_dir, monkeypatch, send_type,
+                     randomization, workload):
+    monkeypatch.setenv(
+        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
+    )
+    prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
+    decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
+
+    prompts = {}
+    for i, (length, n, api_prefix) in enumerate(WORKLOADS[workload]):
+        external_id = f"{api_prefix}-{proxy_request_id()}-0"
+        prompts[external_id] = (make_prompt(i, length), n)
+
+    # Proxy step 1: prefill with max_tokens=1; the producer saves the KV.
+    for external_id, (prompt, n) in prompts.items():
+        prefill.add_request(external_id, prompt, max_tokens=1, n=n)
+    prefill.run_until_idle()
+    if workload == "concurrent8":
+        assert max(prefill.prefill_chunks.values(), default=1) > 1, "no chunked prefill"
+
+    # Proxy step 2: decode; the consumer loads the KV, then generates.
+    completions = [
+        decode.add_request(external_id, prompt, DECODE_MAX_TOKENS, n=n)
+        for external_id, (prompt, n) in prompts.items()
+    ]
+    decode.run_until_idle()
+
+    for completion in completions:
+        prompt, n = prompts[completion.external_id]
+        assert len(completion.request_ids) == n
+        if randomization == "on":
+            assert all(r != completion.external_id for r in completion.request_ids)
+        for req_id in completion.request_ids:
+            loaded = decode.loaded_kv.get(req_id)
+            assert loaded is not None, f"decode never loaded KV for {req_id}"
+            for layer_idx, layer in enumerate(LAYERS):
+                assert loaded[layer].equal(expected_kv(prompt[:-1], layer_idx)), (
+                    f"decode computes {req_id} on KV that prefill did not send "
+                    f"(layer {layer}): wrong text"
+                )
+            assert completion.outputs[req_id] == reference_tokens(
+                prompt, DECODE_MAX_TOKENS
+            ), f"{req_id}: decode text differs from a plain engine's"
+
+    # Every received tensor is released once its request finished.
+    assert decode.transport.held_tensor_ids() == set(), "received KV leaked"
+    assert decode.transport.recv_request_id_to_tensor_ids == {}
+    for engine in (prefill, decode):
+        assert not engine.scheduler.has_requests()
+        assert engine.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == (
+            engine.scheduler.kv_cache_manager.block_pool.num_gpu_blocks - 1
+        )
