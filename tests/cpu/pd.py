@@ -37,6 +37,7 @@ from vllm.forward_context import get_forward_context, set_forward_context
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
@@ -127,21 +128,25 @@ class Completion:
 class PDEngine:
     """One engine of the pair: scheduler + worker connector + KV cache."""
 
-    def __init__(self, model_dir: str, kv_role: str, kv_port: int, send_type: str):
+    def __init__(self, model_dir: str, kv_role: str, kv_port: int, send_type: str,
+                 num_blocks: int = NUM_BLOCKS):
         self.kv_role = kv_role
         self.vllm_config = build_vllm_config(model_dir, kv_role, kv_port, send_type)
         spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=1,
                                  head_size=KV_WIDTH, dtype=torch.float32)
         self.kv_cache_config = KVCacheConfig(
-            num_blocks=NUM_BLOCKS,
+            num_blocks=num_blocks,
             kv_cache_tensors=[],
             kv_cache_groups=[KVCacheGroupSpec(list(LAYERS), spec)],
         )
-        self.vllm_config.cache_config.num_gpu_blocks = NUM_BLOCKS
+        self.vllm_config.cache_config.num_gpu_blocks = num_blocks
         init_none_hash(sha256)
         self.block_hasher = get_request_block_hasher(BLOCK_SIZE, sha256)
         with set_current_vllm_config(self.vllm_config):
-            self.scheduler = Scheduler(
+            # The scheduler class vllm serve picks for this config.
+            async_scheduling = self.vllm_config.scheduler_config.async_scheduling
+            scheduler_cls = AsyncScheduler if async_scheduling else Scheduler
+            self.scheduler = scheduler_cls(
                 vllm_config=self.vllm_config,
                 kv_cache_config=self.kv_cache_config,
                 log_stats=False,
@@ -150,7 +155,7 @@ class PDEngine:
             )
             # The attention layers, as the model registers them.
             self.kv_caches = {
-                name: torch.zeros(NUM_BLOCKS, BLOCK_SIZE, KV_WIDTH)
+                name: torch.zeros(num_blocks, BLOCK_SIZE, KV_WIDTH)
                 for name in LAYERS
             }
             ctx = self.vllm_config.compilation_config.static_forward_context
@@ -164,6 +169,8 @@ class PDEngine:
         self.completions: dict[str, Completion] = {}
         # request id -> KV it held right after start_load_kv, per layer
         self.loaded_kv: dict[str, dict[str, torch.Tensor]] = {}
+        # requests preempted at least once
+        self.preempted: set[str] = set()
         # request id -> number of prompt chunks it was prefilled in
         self.prefill_chunks: dict[str, int] = {}
 
@@ -240,6 +247,7 @@ class PDEngine:
                                                    finished_recving=recving))
 
     def _update_worker_state(self, out: SchedulerOutput) -> None:
+        self.preempted.update(out.preempted_req_ids or ())
         for new in out.scheduled_new_reqs:
             self.requests[new.req_id] = WorkerRequest(
                 token_ids=list(new.prompt_token_ids or []),
