@@ -38,13 +38,12 @@ FORK = ROOT / "vllm_fork"
 PATCHES = ROOT / CONFIG["patches"]
 SERIES = PATCHES / "series"
 BASE_REF = "refs/patches/upstream-head"
-CACHE = Path(
-    os.environ.get("P2P_FIX_CACHE", Path.home() / ".cache" / "vllm-p2p-fix")
-)
+CACHE = Path(os.environ.get("P2P_FIX_CACHE", Path.home() / ".cache" / "vllm-p2p-fix"))
 PYPI_SIMPLE = os.environ.get("P2P_FIX_PYPI_SIMPLE", "https://pypi.org/simple")
 VENV = ROOT / ".venv"
 VENV_STOCK = ROOT / ".venv-stock"
-TEST_DEPS = ["msgpack", "quart", "pytest", "pytest-timeout", "ruff==0.14.0"]
+# tblib: vLLM's tests/conftest.py imports it.
+TEST_DEPS = ["msgpack", "quart", "pytest", "pytest-timeout", "ruff==0.14.0", "tblib"]
 BUILD_DEPS = [
     "setuptools>=77,<81",
     "setuptools-scm>=8",
@@ -113,16 +112,26 @@ def run(cmd, cwd=ROOT, env=None, check=True, capture=False, timeout=None):
 
 
 def git(*args, cwd=FORK, check=True, capture=True, env=None):
-    res = run(["git", *args], cwd=cwd, env={**GIT_ENV, **(env or {})},
-              check=check, capture=capture)
+    res = run(
+        ["git", *args],
+        cwd=cwd,
+        env={**GIT_ENV, **(env or {})},
+        check=check,
+        capture=capture,
+    )
     return res.stdout.strip() if capture else ""
 
 
 def fork_ready() -> bool:
     if not (FORK / ".git").exists():
         return False
-    res = run(["git", "rev-parse", "-q", "--verify", BASE_REF], cwd=FORK,
-              env=GIT_ENV, check=False, capture=True)
+    res = run(
+        ["git", "rev-parse", "-q", "--verify", BASE_REF],
+        cwd=FORK,
+        env=GIT_ENV,
+        check=False,
+        capture=True,
+    )
     return res.returncode == 0
 
 
@@ -163,7 +172,10 @@ def fetch_sdist(version: str = CONFIG["version"], sha256: str | None = None) -> 
     expected = sha256 or (url.split("#sha256=")[1] if "#sha256=" in url else None)
     log(f"downloading {name}")
     tmp = dest.with_suffix(".part")
-    with urllib.request.urlopen(url.split("#")[0], timeout=600) as r, open(tmp, "wb") as f:
+    with (
+        urllib.request.urlopen(url.split("#")[0], timeout=600) as r,
+        open(tmp, "wb") as f,
+    ):
         shutil.copyfileobj(r, f)
     if expected and _sha256(tmp) != expected:
         tmp.unlink()
@@ -181,8 +193,20 @@ def fetch_wheel() -> Path:
         return found[-1]
     dest.mkdir(parents=True, exist_ok=True)
     log(f"downloading the vllm {version} wheel")
-    run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
-         "--only-binary=:all:", f"vllm=={version}", "-d", dest])
+    run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "-q",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"vllm=={version}",
+            "-d",
+            dest,
+        ]
+    )
     found = sorted(dest.glob(f"vllm-{version}-*.whl"))
     if not found:
         die("pip download gave no wheel")
@@ -196,9 +220,23 @@ def _try_submodule() -> bool:
     log("trying the submodule (git submodule update --init)")
     try:
         res = run(
-            ["git", "-c", "http.lowSpeedLimit=1000", "-c", "http.lowSpeedTime=30",
-             "submodule", "update", "--init", "--depth", "1", "vllm_fork"],
-            env={"GIT_TERMINAL_PROMPT": "0"}, check=False, capture=True, timeout=300,
+            [
+                "git",
+                "-c",
+                "http.lowSpeedLimit=1000",
+                "-c",
+                "http.lowSpeedTime=30",
+                "submodule",
+                "update",
+                "--init",
+                "--depth",
+                "1",
+                "vllm_fork",
+            ],
+            env={"GIT_TERMINAL_PROMPT": "0"},
+            check=False,
+            capture=True,
+            timeout=300,
         )
     except subprocess.TimeoutExpired:
         res = None
@@ -228,8 +266,10 @@ def _init_from_sdist() -> None:
         m = re.search(r"commit_id\s*=\s*'g([0-9a-f]+)'", version_py)
         if not m or not CONFIG["commit"].startswith(m.group(1)):
             die(f"sdist vllm/_version.py does not name commit {CONFIG['commit']}")
-        log(f"sdist vllm/_version.py names commit g{m.group(1)} (pinned "
-            f"{CONFIG['commit'][:12]}): ok")
+        log(
+            f"sdist vllm/_version.py names commit g{m.group(1)} (pinned "
+            f"{CONFIG['commit'][:12]}): ok"
+        )
         mtime = tar.getmember(f"{top}/PKG-INFO").mtime
         shutil.rmtree(src / "vllm.egg-info", ignore_errors=True)
         FORK.mkdir(exist_ok=True)
@@ -241,12 +281,19 @@ def _init_from_sdist() -> None:
     date = f"@{mtime} +0000"
     git("add", "-A")
     git(
-        "commit", "-q", "--no-verify", "-m",
+        "commit",
+        "-q",
+        "--no-verify",
+        "-m",
         f"vLLM {CONFIG['version']} release tree (PyPI sdist)\n\n"
         f"Upstream-Commit: {CONFIG['commit']}\n"
         f"Sdist-SHA256: {CONFIG['sdist_sha256']}\n",
-        env={"GIT_AUTHOR_NAME": "vLLM release", "GIT_AUTHOR_EMAIL": "noreply@vllm.ai",
-             "GIT_AUTHOR_DATE": date, "GIT_COMMITTER_DATE": date},
+        env={
+            "GIT_AUTHOR_NAME": "vLLM release",
+            "GIT_AUTHOR_EMAIL": "noreply@vllm.ai",
+            "GIT_AUTHOR_DATE": date,
+            "GIT_COMMITTER_DATE": date,
+        },
     )
     git("tag", "-f", CONFIG["tag"], "HEAD")
     git("update-ref", BASE_REF, "HEAD")
@@ -291,8 +338,10 @@ def cmd_apply(args) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             names = _export_to(Path(tmp))
             if _diff_dirs(Path(tmp), names, PATCHES, [p.name for p in patches]):
-                die("the fork has commits that differ from patches/; run "
-                    "'python3 ci/fork.py export' first, or 'apply --force' to drop them")
+                die(
+                    "the fork has commits that differ from patches/; run "
+                    "'python3 ci/fork.py export' first, or 'apply --force' to drop them"
+                )
     if (FORK / ".git" / "rebase-apply").exists():
         git("am", "--abort", check=False)
     git("checkout", "-q", "-B", "main", base)
@@ -302,8 +351,13 @@ def cmd_apply(args) -> None:
         return
     am = ["am", "-q", "--keep-non-patch", "--committer-date-is-author-date"]
     am.append("--3way" if args.three_way else "--no-3way")
-    res = run(["git", *am, *map(str, patches)], cwd=FORK, env=GIT_ENV, check=False,
-              capture=True)
+    res = run(
+        ["git", *am, *map(str, patches)],
+        cwd=FORK,
+        env=GIT_ENV,
+        check=False,
+        capture=True,
+    )
     if res.returncode != 0:
         sys.stderr.write(res.stdout + res.stderr)
         die("git am failed; fix the patch in vllm_fork/ (git am --continue) and export")
@@ -334,10 +388,25 @@ def cmd_check(args) -> None:
         names = _export_to(Path(tmp))
         want = [p.name for p in series_files()]
         if _diff_dirs(Path(tmp), names, PATCHES, want):
-            run(["diff", "-ruN", "-x", "series", "-x", "config.json", "-x", "*.md",
-                 PATCHES, tmp], check=False)
-            die("patches/ is out of sync with vllm_fork/ (run: python3 ci/fork.py "
-                "export, or apply to take patches/ into the fork)")
+            run(
+                [
+                    "diff",
+                    "-ruN",
+                    "-x",
+                    "series",
+                    "-x",
+                    "config.json",
+                    "-x",
+                    "*.md",
+                    PATCHES,
+                    tmp,
+                ],
+                check=False,
+            )
+            die(
+                "patches/ is out of sync with vllm_fork/ (run: python3 ci/fork.py "
+                "export, or apply to take patches/ into the fork)"
+            )
     log(f"patches/ matches the fork ({len(names)} patch(es))")
 
 
@@ -370,8 +439,18 @@ def cmd_install(args) -> None:
     python = _make_venv(VENV, [str(wheel), *TEST_DEPS, *BUILD_DEPS])
     log("editable install of vllm_fork/ (VLLM_USE_PRECOMPILED=1)")
     run(
-        [*_uv(), "pip", "install", "-q", "--python", python, "--no-build-isolation",
-         "--no-deps", "-e", FORK],
+        [
+            *_uv(),
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            python,
+            "--no-build-isolation",
+            "--no-deps",
+            "-e",
+            FORK,
+        ],
         env={
             "VLLM_USE_PRECOMPILED": "1",
             "VLLM_PRECOMPILED_WHEEL_LOCATION": str(wheel),
@@ -403,8 +482,9 @@ def cmd_fetch(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("init", help="populate vllm_fork/")
     s.add_argument("--sdist", action="store_true", help="skip the submodule")
@@ -416,13 +496,17 @@ def main() -> None:
     s.set_defaults(func=cmd_apply)
     sub.add_parser("export", help="regenerate patches/").set_defaults(func=cmd_export)
     sub.add_parser("check", help="fail if patches/ is stale").set_defaults(
-        func=cmd_check)
+        func=cmd_check
+    )
     sub.add_parser("install", help="editable fork into .venv").set_defaults(
-        func=cmd_install)
+        func=cmd_install
+    )
     sub.add_parser("install-stock", help="stock wheel into .venv-stock").set_defaults(
-        func=cmd_install_stock)
+        func=cmd_install_stock
+    )
     sub.add_parser("fetch", help="download sdist and wheel").set_defaults(
-        func=cmd_fetch)
+        func=cmd_fetch
+    )
     args = p.parse_args()
     args.func(args)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
-
 from vllm import SamplingParams
 from vllm.config import (
     CacheConfig,
@@ -36,8 +35,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.forward_context import get_forward_context, set_forward_context
 from vllm.utils.hashing import sha256
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
-from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
@@ -63,8 +62,9 @@ PREFILL_KV_PORT = 21001
 DECODE_KV_PORT = 22001
 
 
-def proxy_request_id(prefill_port: int = PREFILL_KV_PORT,
-                     decode_port: int = DECODE_KV_PORT) -> str:
+def proxy_request_id(
+    prefill_port: int = PREFILL_KV_PORT, decode_port: int = DECODE_KV_PORT
+) -> str:
     """X-Request-Id as the xPyD proxy mints it."""
     return (
         f"___prefill_addr_{HOST}:{prefill_port}___decode_addr_"
@@ -84,10 +84,12 @@ def expected_kv(token_ids: list[int], layer: int) -> torch.Tensor:
     return torch.stack([token_kv(t, p, layer) for p, t in enumerate(token_ids)])
 
 
-def build_vllm_config(model_dir: str, kv_role: str, kv_port: int,
-                      send_type: str) -> VllmConfig:
-    model_config = ModelConfig(model=model_dir, dtype="float16", seed=42,
-                               skip_tokenizer_init=True)
+def build_vllm_config(
+    model_dir: str, kv_role: str, kv_port: int, send_type: str
+) -> VllmConfig:
+    model_config = ModelConfig(
+        model=model_dir, dtype="float16", seed=42, skip_tokenizer_init=True
+    )
     return VllmConfig(
         model_config=model_config,
         scheduler_config=SchedulerConfig(
@@ -128,12 +130,22 @@ class Completion:
 class PDEngine:
     """One engine of the pair: scheduler + worker connector + KV cache."""
 
-    def __init__(self, model_dir: str, kv_role: str, kv_port: int, send_type: str,
-                 num_blocks: int = NUM_BLOCKS):
+    def __init__(
+        self,
+        model_dir: str,
+        kv_role: str,
+        kv_port: int,
+        send_type: str,
+        num_blocks: int = NUM_BLOCKS,
+    ):
         self.kv_role = kv_role
         self.vllm_config = build_vllm_config(model_dir, kv_role, kv_port, send_type)
-        spec = FullAttentionSpec(block_size=BLOCK_SIZE, num_kv_heads=1,
-                                 head_size=KV_WIDTH, dtype=torch.float32)
+        spec = FullAttentionSpec(
+            block_size=BLOCK_SIZE,
+            num_kv_heads=1,
+            head_size=KV_WIDTH,
+            dtype=torch.float32,
+        )
         self.kv_cache_config = KVCacheConfig(
             num_blocks=num_blocks,
             kv_cache_tensors=[],
@@ -155,8 +167,7 @@ class PDEngine:
             )
             # The attention layers, as the model registers them.
             self.kv_caches = {
-                name: torch.zeros(num_blocks, BLOCK_SIZE, KV_WIDTH)
-                for name in LAYERS
+                name: torch.zeros(num_blocks, BLOCK_SIZE, KV_WIDTH) for name in LAYERS
             }
             ctx = self.vllm_config.compilation_config.static_forward_context
             for name in LAYERS:
@@ -175,12 +186,14 @@ class PDEngine:
         self.prefill_chunks: dict[str, int] = {}
 
     # ---- front end: what AsyncLLM does with an incoming request
-    def add_request(self, external_id: str, prompt: list[int], max_tokens: int,
-                    n: int = 1) -> Completion:
+    def add_request(
+        self, external_id: str, prompt: list[int], max_tokens: int, n: int = 1
+    ) -> Completion:
         # vLLM refuses n > 1 with greedy sampling; the stand-in model's sampling
         # is deterministic either way.
-        params = SamplingParams(max_tokens=max_tokens, n=n,
-                                temperature=0.0 if n == 1 else 1.0, seed=0)
+        params = SamplingParams(
+            max_tokens=max_tokens, n=n, temperature=0.0 if n == 1 else 1.0, seed=0
+        )
         request = EngineCoreRequest(
             request_id=external_id,
             prompt_token_ids=list(prompt),
@@ -231,7 +244,9 @@ class PDEngine:
 
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._update_worker_state(out)
-        attn_metadata = {name: object() for name in LAYERS} if out.num_scheduled_tokens else None
+        attn_metadata = (
+            {name: object() for name in LAYERS} if out.num_scheduled_tokens else None
+        )
         with set_forward_context(attn_metadata, self.vllm_config):
             self.connector.bind_connector_metadata(out.kv_connector_metadata)
             self.connector.start_load_kv(get_forward_context())
@@ -243,8 +258,9 @@ class PDEngine:
             self.connector.clear_connector_metadata()
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
-        return self._sample(out, KVConnectorOutput(finished_sending=sending,
-                                                   finished_recving=recving))
+        return self._sample(
+            out, KVConnectorOutput(finished_sending=sending, finished_recving=recving)
+        )
 
     def _update_worker_state(self, out: SchedulerOutput) -> None:
         self.preempted.update(out.preempted_req_ids or ())
@@ -266,10 +282,12 @@ class PDEngine:
 
     def _slots(self, req: WorkerRequest, start: int, end: int):
         blocks = torch.tensor(
-            [req.block_ids[p // BLOCK_SIZE] for p in range(start, end)], dtype=torch.long
+            [req.block_ids[p // BLOCK_SIZE] for p in range(start, end)],
+            dtype=torch.long,
         )
-        offsets = torch.tensor([p % BLOCK_SIZE for p in range(start, end)],
-                               dtype=torch.long)
+        offsets = torch.tensor(
+            [p % BLOCK_SIZE for p in range(start, end)], dtype=torch.long
+        )
         return blocks, offsets
 
     def _record_loaded_kv(self, out: SchedulerOutput) -> None:
@@ -294,8 +312,10 @@ class PDEngine:
                 start = req.num_computed
                 blocks, offsets = self._slots(req, start, start + num)
                 cache[blocks, offsets] = torch.stack(
-                    [token_kv(req.token_ids[p], p, layer_idx)
-                     for p in range(start, start + num)]
+                    [
+                        token_kv(req.token_ids[p], p, layer_idx)
+                        for p in range(start, start + num)
+                    ]
                 )
             self.connector.save_kv_layer(name, cache, attn_metadata)
 

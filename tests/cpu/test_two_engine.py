@@ -26,7 +26,7 @@ from .pd import (
 )
 
 # A hang of the decode engine ends the test after this many seconds.
-HANG_TIMEOUT_S = 30
+HANG_TIMEOUT_S = 20
 DECODE_MAX_TOKENS = 4
 
 WORKLOADS = {
@@ -56,8 +56,9 @@ def make_prompt(index: int, length: int) -> list[int]:
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("randomization", ["on", "off"])
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
-def test_pd_transfer(network, tiny_model_dir, monkeypatch, send_type,
-                     randomization, workload):
+def test_pd_transfer(
+    network, tiny_model_dir, monkeypatch, send_type, randomization, workload
+):
     monkeypatch.setenv(
         "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
     )
@@ -112,8 +113,9 @@ def test_pd_transfer(network, tiny_model_dir, monkeypatch, send_type,
 
 @pytest.mark.timeout(HANG_TIMEOUT_S)
 @pytest.mark.parametrize("randomization", ["on", "off"])
-def test_prefill_chunk_within_allocated_blocks(network, tiny_model_dir, monkeypatch,
-                                               randomization):
+def test_prefill_chunk_within_allocated_blocks(
+    network, tiny_model_dir, monkeypatch, randomization
+):
     """A later prefill chunk that fits in already allocated blocks.
 
     The scheduler then sends ``new_block_ids=None`` for the request. Stock
@@ -127,15 +129,18 @@ def test_prefill_chunk_within_allocated_blocks(network, tiny_model_dir, monkeypa
     # Step 1: all of the first prompt and 28 tokens (2 blocks) of the second;
     # step 2: the second prompt's last 3 tokens, inside its second block.
     first_len = MAX_NUM_BATCHED_TOKENS - 28
-    prompts = {f"cmpl-{proxy_request_id()}-{i}": make_prompt(i, length)
-               for i, length in enumerate([first_len, 31])}
+    prompts = {
+        f"cmpl-{proxy_request_id()}-{i}": make_prompt(i, length)
+        for i, length in enumerate([first_len, 31])
+    }
     for external_id, prompt in prompts.items():
         prefill.add_request(external_id, prompt, max_tokens=1)
     prefill.run_until_idle()
     assert max(prefill.prefill_chunks.values()) == 2
 
-    completions = [decode.add_request(e, p, DECODE_MAX_TOKENS)
-                   for e, p in prompts.items()]
+    completions = [
+        decode.add_request(e, p, DECODE_MAX_TOKENS) for e, p in prompts.items()
+    ]
     decode.run_until_idle()
     for completion in completions:
         (req_id,) = completion.request_ids
@@ -147,18 +152,19 @@ def test_prefill_chunk_within_allocated_blocks(network, tiny_model_dir, monkeypa
 @pytest.mark.timeout(HANG_TIMEOUT_S)
 @pytest.mark.parametrize("randomization", ["on", "off"])
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
-def test_decode_preempted_and_resumed(network, tiny_model_dir, monkeypatch,
-                                      send_type, randomization):
+def test_decode_preempted_and_resumed(
+    network, tiny_model_dir, monkeypatch, send_type, randomization
+):
     """Decode runs out of KV blocks, preempts requests, and loads them again."""
     monkeypatch.setenv(
         "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
     )
     max_tokens = 40
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
-    decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type,
-                      num_blocks=13)
-    prompts = {f"cmpl-{proxy_request_id()}-0": make_prompt(i, 30 + i)
-               for i in range(4)}
+    decode = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, num_blocks=13
+    )
+    prompts = {f"cmpl-{proxy_request_id()}-0": make_prompt(i, 30 + i) for i in range(4)}
     for external_id, prompt in prompts.items():
         prefill.add_request(external_id, prompt, max_tokens=1)
     prefill.run_until_idle()

@@ -25,7 +25,6 @@ from collections import deque
 from typing import Any
 
 import torch
-
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
 logger = logging.getLogger(__name__)

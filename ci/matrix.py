@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Run the CPU two-engine tier on stock and patched vLLM; print the matrix.
+
+    python3 ci/matrix.py            # both trees, print send type x randomization
+    python3 ci/matrix.py --check    # and fail unless stock fails where the bug
+                                    # bites and the patched tree passes everywhere
+
+Trees: "stock" is .venv-stock (the PyPI wheel, unmodified), "patched" is .venv
+(vllm_fork/ with patches/ applied, editable). Each case of the tier ends as
+  pass   - decode got the prefill's KV, text equals a plain engine's, nothing leaked
+  hang   - decode waited for KV that never came (pytest-timeout)
+  wrong  - decode computed on KV it never received (text differs)
+  leak   - received KV still held after its request finished
+  crash  - an exception inside vLLM (the engine core would die)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TREES = {"stock": ROOT / ".venv-stock", "patched": ROOT / ".venv"}
+TIER = "tests/cpu/test_two_engine.py"
+CASE = re.compile(r"(?P<test>\w+)\[(?:(?P<send>PUT_ASYNC|PUT|GET)-)?(?P<rand>on|off)")
+SEND_TYPES = ("PUT", "PUT_ASYNC", "GET")
+
+
+def classify(case: ET.Element) -> str:
+    problem = case.find("failure")
+    if problem is None:
+        problem = case.find("error")
+    if problem is None:
+        return "skip" if case.find("skipped") is not None else "pass"
+    text = (problem.get("message") or "") + (problem.text or "")
+    if "Timeout" in text:
+        return "hang"
+    if "wrong text" in text or "differs from a plain engine" in text:
+        return "wrong"
+    if "leaked" in text:
+        return "leak"
+    return "crash"
+
+
+def run_tree(tree: str, log_dir: Path) -> dict[str, str]:
+    python = TREES[tree] / "bin" / "python"
+    if not python.exists():
+        sys.exit(f"{python} missing: run bash ci/setup.sh first")
+    junit = log_dir / f"cpu-tier-{tree}.xml"
+    print(
+        f"== CPU two-engine tier on {tree} vLLM ({python.parent.parent.name})",
+        flush=True,
+    )
+    cmd = [
+        str(python),
+        "-m",
+        "pytest",
+        TIER,
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "--no-header",
+        "-rN",
+        f"--junitxml={junit}",
+    ]
+    with open(log_dir / f"cpu-tier-{tree}.log", "w") as log:
+        subprocess.run(
+            cmd,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    results = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        results[case.get("name")] = classify(case)
+    if not results:
+        sys.exit(f"{tree}: the tier ran no test; see {log_dir}/cpu-tier-{tree}.log")
+    return results
+
+
+def expected(tree: str, name: str) -> str:
+    """What each case must give on each tree."""
+    if tree == "patched":
+        return "pass"
+    m = CASE.match(name)
+    assert m, name
+    if m["test"] == "test_prefill_chunk_within_allocated_blocks":
+        return "crash"  # stock asserts on new_block_ids=None, whatever the ids
+    if m["rand"] == "off":
+        return "pass"
+    return "wrong" if m["send"] == "GET" else "hang"
+
+
+def cell(outcomes: list[str]) -> str:
+    counts = defaultdict(int)
+    for o in outcomes:
+        counts[o] += 1
+    return ", ".join(f"{k} {v}/{len(outcomes)}" for k, v in sorted(counts.items()))
+
+
+def print_matrix(results: dict[str, dict[str, str]]) -> None:
+    trees = list(results)
+    rows = [(s, r) for s in SEND_TYPES for r in ("on", "off")]
+    header = ["send type", "randomization", *trees]
+    table = [header, ["---"] * len(header)]
+    for send, rand in rows:
+        line = [send, rand.upper()]
+        for tree in trees:
+            outs = [
+                o
+                for n, o in sorted(results[tree].items())
+                if (m := CASE.match(n)) and m["send"] == send and m["rand"] == rand
+            ]
+            line.append(cell(outs))
+        table.append(line)
+    print(
+        "\nCPU two-engine tier: send type x randomization x tree (cases per cell:"
+        " one, 8 concurrent + chunked prefill, n=2, decode preemption)"
+    )
+    for line in table:
+        print("| " + " | ".join(line) + " |")
+    others = sorted(
+        {n for r in results.values() for n in r if not CASE.match(n)["send"]}
+    )
+    for name in others:
+        print(f"{name}: " + ", ".join(f"{t} {results[t][name]}" for t in trees))
+    print()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--trees", nargs="+", default=list(TREES), choices=list(TREES))
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="fail unless every case gives its expected outcome",
+    )
+    p.add_argument("--log-dir", default=str(ROOT / "test-logs"))
+    args = p.parse_args()
+    log_dir = Path(args.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    results = {tree: run_tree(tree, log_dir) for tree in args.trees}
+    print_matrix(results)
+    if not args.check:
+        return 0
+    bad = [
+        f"{tree}: {name}: got {got}, expected {expected(tree, name)}"
+        for tree, res in results.items()
+        for name, got in sorted(res.items())
+        if got != expected(tree, name)
+    ]
+    for line in bad:
+        print(f"UNEXPECTED {line}")
+    if bad:
+        print(f"matrix check FAILED ({len(bad)} unexpected); logs in {log_dir}")
+        return 1
+    n = sum(len(r) for r in results.values())
+    print(
+        f"matrix check ok: {n} cases as expected (stock fails where the bug bites,"
+        " patched passes)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
