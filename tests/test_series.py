@@ -1,6 +1,7 @@
 """The patch series applies where users apply it, and patches/ is not stale."""
 
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -15,19 +16,29 @@ import fork  # noqa: E402
 STOCK_VENV = ROOT / ".venv-stock"
 
 
-def git_apply_check(cwd: Path, *extra: str) -> subprocess.CompletedProcess:
-    patches = [str(p) for p in fork.series_files()]
+def git_apply(cwd: Path, patches: list[Path], *extra: str) -> None:
+    """git apply each patch in order, as a user would, outside any repository."""
     assert patches, "patches/series lists no patch"
-    # Outside any repository, as in a user's site-packages: do not let git find
-    # this project's repository above cwd.
+    # Do not let git find this project's repository above cwd.
     env = {**os.environ, "GIT_CEILING_DIRECTORIES": str(cwd.parent)}
-    return subprocess.run(
-        ["git", "apply", "--check", *extra, *patches],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    for patch in patches:
+        res = subprocess.run(
+            ["git", "apply", *extra, str(patch)],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 0, f"{patch.name}: {res.stderr}"
+
+
+def touched_files(patches: list[Path]) -> set[str]:
+    return {
+        line[len("+++ b/") :]
+        for patch in patches
+        for line in patch.read_text().splitlines()
+        if line.startswith("+++ b/")
+    }
 
 
 def test_series_is_exported_from_fork():
@@ -55,11 +66,11 @@ def test_series_applies_to_release_tree(tmp_path):
     with tarfile.open(sdist) as tar:
         tar.extractall(tmp_path, filter="tar")
     tree = tmp_path / f"vllm-{fork.CONFIG['version']}"
-    res = git_apply_check(tree)
-    assert res.returncode == 0, res.stderr
+    git_apply(tree, fork.series_files()[:1], "--check")  # the fix alone
+    git_apply(tree, fork.series_files())
 
 
-def test_series_applies_in_installed_site_packages():
+def test_series_applies_in_installed_site_packages(tmp_path):
     """As a user would: git apply inside site-packages, vllm/ files only."""
     python = STOCK_VENV / "bin" / "python"
     if not python.exists():
@@ -72,6 +83,13 @@ def test_series_applies_in_installed_site_packages():
     ).stdout.strip()
     site = Path(purelib)
     assert (site / "vllm" / "distributed").is_dir()
-    # --check writes nothing: run it in the real site-packages.
-    res = git_apply_check(site, "--include=vllm/*")
-    assert res.returncode == 0, res.stderr
+    patches = fork.series_files()
+    # --check writes nothing: the first patch is checked in the real site.
+    git_apply(site, patches[:1], "--check", "--include=vllm/*")
+    # The whole series, in order, on a copy of the files it touches.
+    copy = tmp_path / "site-packages"
+    for rel in touched_files(patches):
+        if rel.startswith("vllm/"):
+            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(site / rel, copy / rel)
+    git_apply(copy, patches, "--include=vllm/*")
