@@ -180,6 +180,8 @@ class PDEngine:
         self.completions: dict[str, Completion] = {}
         # request id -> KV it held right after start_load_kv, per layer
         self.loaded_kv: dict[str, dict[str, torch.Tensor]] = {}
+        # requests the connector loaded (consumer) or saved (producer) KV for
+        self.connector_requests: set[str] = set()
         # requests preempted at least once
         self.preempted: set[str] = set()
         # request id -> number of prompt chunks it was prefilled in
@@ -249,6 +251,9 @@ class PDEngine:
         )
         with set_forward_context(attn_metadata, self.vllm_config):
             self.connector.bind_connector_metadata(out.kv_connector_metadata)
+            self.connector_requests.update(
+                r.request_id for r in out.kv_connector_metadata.requests
+            )
             self.connector.start_load_kv(get_forward_context())
             self._record_loaded_kv(out)
             if attn_metadata is not None:

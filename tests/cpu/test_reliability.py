@@ -59,14 +59,16 @@ def test_request_without_p2p_address_is_served_plainly(pair):
     plain_prompt, proxied_prompt = make_prompt(1, 21), make_prompt(2, 26)
     proxied_id = f"cmpl-{proxy_request_id()}-0"
     # A direct call to each server, next to a request routed by the proxy.
+    plain = {}
     for engine, max_tokens in ((prefill, 1), (decode, DECODE_MAX_TOKENS)):
-        plain = engine.add_request("cmpl-healthcheck-0", plain_prompt, max_tokens)
+        plain[engine] = engine.add_request("cmpl-probe-0", plain_prompt, max_tokens)
         proxied = engine.add_request(proxied_id, proxied_prompt, max_tokens)
         engine.run_until_idle()
 
     # Decode computed the plain prompt itself and loaded the proxied one.
-    assert not set(plain.request_ids) & set(decode.loaded_kv)
-    assert_reference_text(plain, plain_prompt)
+    for engine in (prefill, decode):
+        assert not set(plain[engine].request_ids) & engine.connector_requests
+    assert_reference_text(plain[decode], plain_prompt)
     (proxied_req_id,) = proxied.request_ids
     assert_loaded(decode, proxied_req_id, proxied_prompt)
     assert_reference_text(proxied, proxied_prompt)
@@ -85,18 +87,30 @@ def test_request_without_p2p_address_is_served_plainly(pair):
 # With randomization off, vLLM itself refuses a second request with the id of
 # one in flight ("already running"); only with it on do both reach the engine.
 @pytest.mark.parametrize("randomization", ["on"])
-def test_duplicate_transfer_id_in_flight_shares_no_kv(pair):
+@pytest.mark.parametrize(
+    "same_prompt", [True, False], ids=["same-prompt", "other-prompt"]
+)
+def test_duplicate_transfer_id_in_flight_shares_no_kv(pair, same_prompt):
     prefill, decode = pair
     external_id = f"cmpl-{proxy_request_id()}-0"
-    first_prompt, second_prompt = make_prompt(4, 35), make_prompt(5, 19)
+    first_prompt = make_prompt(4, 35)
+    second_prompt = first_prompt if same_prompt else make_prompt(5, 35)
+    second = {}
     for engine, max_tokens in ((prefill, 1), (decode, DECODE_MAX_TOKENS)):
         first = engine.add_request(external_id, first_prompt, max_tokens)
-        second = engine.add_request(external_id, second_prompt, max_tokens)
+        second[engine] = engine.add_request(external_id, second_prompt, max_tokens)
         engine.run_until_idle()
 
-    # The first request transfers as usual; the second is computed locally.
+    # The first request transfers as usual.
     assert_loaded(decode, first.request_ids[0], first_prompt)
     assert_reference_text(first, first_prompt)
-    assert not set(second.request_ids) & set(decode.loaded_kv)
-    assert_reference_text(second, second_prompt)
+    if same_prompt:
+        # The second is neither sent nor loaded: decode computes it (vLLM's
+        # own prefix cache may still reuse the first one's identical blocks).
+        for engine in (prefill, decode):
+            assert not set(second[engine].request_ids) & engine.connector_requests
+    else:
+        # Another prompt is another transfer: it gets its own KV.
+        assert_loaded(decode, second[decode].request_ids[0], second_prompt)
+    assert_reference_text(second[decode], second_prompt)
     assert decode.transport.held_tensor_ids() == set(), "received KV leaked"
