@@ -1,0 +1,420 @@
+"""Start and stop the vLLM servers (and the proxy) of the GPU tier.
+
+Each server runs in its own process group (start_new_session=True) and logs
+to <log_dir>/<name>.log; ServerGroup always ends its groups with killpg,
+SIGTERM first, SIGKILL after a grace period. Where each engine runs is decided
+by plan_pd/plan_reference, pure functions of the visible GPUs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from workload import MODEL_NAME
+
+logger = logging.getLogger(__name__)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+HOST = "127.0.0.1"
+MAX_NUM_BATCHED_TOKENS = 256
+RANDOMIZATION_OFF = "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"
+SEND_TYPES = ("PUT", "PUT_ASYNC", "GET")
+# Environment of every engine; a None value removes the variable.
+COMMON_ENV: dict[str, str | None] = {
+    "VLLM_HOST_IP": HOST,
+    "VLLM_USE_FLASHINFER_SAMPLER": "0",
+    "VLLM_NO_USAGE_STATS": "1",
+    "DO_NOT_TRACK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    RANDOMIZATION_OFF: None,
+}
+ENGINE_ARGS = [
+    "--enforce-eager",
+    "--max-model-len=1024",
+    "--kv-cache-memory-bytes=536870912",
+    "--gpu-memory-utilization=0.3",
+    f"--max-num-batched-tokens={MAX_NUM_BATCHED_TOKENS}",
+    "--max-num-seqs=128",
+    "--seed=0",
+    "--disable-uvicorn-access-log",
+]
+
+
+def log_root() -> Path:
+    return Path(os.environ.get("GPU_TIER_LOG_DIR") or ROOT / "test-logs")
+
+
+@dataclass
+class EngineSpec:
+    """One vLLM OpenAI server: where it runs and how its KV connector is set."""
+
+    name: str
+    port: int
+    env: dict[str, str | None]
+    kv_role: str | None = None  # None: no KV transfer (reference engine)
+    kv_port: int | None = None
+    send_type: str | None = None
+
+    @property
+    def kv_address(self) -> str:
+        """The ZMQ address of the connector: VLLM_HOST_IP:kv_port (rank 0)."""
+        return f"{HOST}:{self.kv_port}"
+
+    @property
+    def http_address(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def kv_transfer_config(self) -> dict | None:
+        if self.kv_role is None:
+            return None
+        return {
+            "kv_connector": "P2pNcclConnector",
+            "kv_role": self.kv_role,
+            "kv_port": self.kv_port,
+            "kv_buffer_size": 1e9,
+            "kv_connector_extra_config": {
+                "send_type": self.send_type,
+                "mem_pool_size_gb": "1",
+                "nccl_num_channels": "2",
+                "http_port": str(self.port),
+            },
+        }
+
+    def args(self, model_dir: str | Path, dtype: str = "float16") -> list[str]:
+        args = [
+            f"--model={model_dir}",
+            f"--served-model-name={MODEL_NAME}",
+            f"--host={HOST}",
+            f"--port={self.port}",
+            f"--dtype={dtype}",
+            *ENGINE_ARGS,
+        ]
+        if (config := self.kv_transfer_config()) is not None:
+            args.append("--kv-transfer-config=" + json.dumps(config))
+        return args
+
+
+def plan_pd(
+    gpus: Sequence[str],
+    *,
+    send_type: str,
+    randomization: bool,
+    ports: Sequence[int],
+    slot: int = 0,
+) -> tuple[EngineSpec, EngineSpec]:
+    """Prefill and decode engine of one cell.
+
+    ports: prefill http, prefill kv, decode http, decode kv. Two or more GPUs:
+    prefill on the first, decode on the second. One GPU: both on it; NCCL
+    refuses two ranks on one GPU of one host, so each process claims its own
+    NCCL_HOSTID and the tensors go through the socket transport on loopback.
+    slot numbers cells that run side by side.
+    """
+    if not gpus:
+        raise ValueError("no GPU visible")
+    if send_type not in SEND_TYPES:
+        raise ValueError(f"send_type {send_type!r} not in {SEND_TYPES}")
+    p_http, p_kv, d_http, d_kv = ports
+    specs = []
+    for role, gpu, http, kv in (
+        ("prefill", gpus[0], p_http, p_kv),
+        ("decode", gpus[1] if len(gpus) > 1 else gpus[0], d_http, d_kv),
+    ):
+        env: dict[str, str | None] = {
+            "CUDA_VISIBLE_DEVICES": gpu,
+            "NCCL_NVLS_ENABLE": "0",
+            RANDOMIZATION_OFF: None if randomization else "1",
+        }
+        if len(gpus) == 1:
+            env.update(NCCL_HOSTID=f"{role}{slot}", NCCL_SOCKET_IFNAME="lo")
+        kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
+        specs.append(EngineSpec(f"{role}{slot}", http, env, kv_role, kv, send_type))
+    return specs[0], specs[1]
+
+
+def plan_reference(gpus: Sequence[str], port: int) -> EngineSpec:
+    """The plain engine (no KV transfer) whose answers are the expected ones."""
+    if not gpus:
+        raise ValueError("no GPU visible")
+    return EngineSpec("reference", port, {"CUDA_VISIBLE_DEVICES": gpus[0]})
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids to hand out through CUDA_VISIBLE_DEVICES (no CUDA context)."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g.strip() for g in env.split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def free_ports(count: int) -> list[int]:
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind((HOST, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+_LIVE: set[int] = set()  # process groups started here and not yet ended
+_LIVE_LOCK = threading.Lock()
+_STOPPING = threading.Event()  # set by stop_all: start nothing more
+
+
+def start(
+    name: str, cmd: list[str], env: dict[str, str | None], log_dir: Path, url: str
+) -> Server:
+    if _STOPPING.is_set():
+        raise RuntimeError(f"not starting {name}: shutting down")
+    full_env = dict(os.environ)
+    for key, value in env.items():
+        if value is None:
+            full_env.pop(key, None)
+        else:
+            full_env[key] = value
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    with open(log_path, "wb") as log:
+        log.write(f"$ {' '.join(cmd)}\n# env: {json.dumps(env)}\n".encode())
+        log.flush()
+        proc = subprocess.Popen(
+            cmd,
+            env=full_env,
+            cwd=log_dir,  # not the repository: nothing there shadows a module
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    with _LIVE_LOCK:
+        _LIVE.add(proc.pid)
+    logger.info("started %s (pid %s), log %s", name, proc.pid, log_path)
+    return Server(name, url, proc, log_path)
+
+
+def start_engine(
+    spec: EngineSpec,
+    model_dir: str | Path,
+    log_dir: Path,
+    *,
+    site: str | Path | None = None,
+    dtype: str = "float16",
+) -> Server:
+    """Start ``spec`` with the vLLM found on PYTHONPATH=site (or inherited)."""
+    env = {**COMMON_ENV, **spec.env}
+    if site is not None:
+        env["PYTHONPATH"] = str(site)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+    return start(spec.name, cmd + spec.args(model_dir, dtype), env, log_dir, url(spec))
+
+
+def start_proxy(
+    port: int,
+    prefill: EngineSpec,
+    decode: EngineSpec,
+    log_dir: Path,
+    *,
+    timeout: float,
+    name: str = "proxy",
+) -> Server:
+    cmd = [
+        sys.executable,
+        str(HERE / "proxy.py"),
+        f"--port={port}",
+        f"--prefill={prefill.http_address},{prefill.kv_address}",
+        f"--decode={decode.http_address},{decode.kv_address}",
+        f"--timeout={timeout}",
+    ]
+    env = {"PYTHONUNBUFFERED": "1"}
+    return start(name, cmd, env, log_dir, f"http://{HOST}:{port}")
+
+
+def url(spec: EngineSpec) -> str:
+    return f"http://{spec.http_address}"
+
+
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no proxies
+
+
+def _healthy(server: Server) -> bool:
+    try:
+        with _DIRECT.open(server.url + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def stop_groups(pgids: Sequence[int], grace: float = 10.0) -> None:
+    """SIGTERM the process groups, SIGKILL what is left after ``grace`` s."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        alive = [g for g in pgids if _group_alive(g)]
+        for pgid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            for pgid in alive:  # reap our own children, so they leave the group
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pgid, os.WNOHANG)
+            alive = [g for g in alive if _group_alive(g)]
+            time.sleep(0.2)
+    with _LIVE_LOCK:
+        _LIVE.difference_update(pgids)
+
+
+def stop_all() -> None:
+    """End every process group started here, and start no more (at exit)."""
+    _STOPPING.set()
+    with _LIVE_LOCK:
+        pgids = list(_LIVE)
+    stop_groups(pgids, grace=5.0)
+
+
+@dataclass
+class ServerGroup:
+    """Servers that start together and always end together."""
+
+    servers: list[Server] = field(default_factory=list)
+
+    def __enter__(self) -> ServerGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_groups([s.proc.pid for s in self.servers])
+        for s in self.servers:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                s.proc.wait(timeout=1)
+
+    def add(self, server: Server) -> Server:
+        self.servers.append(server)
+        return server
+
+    def wait_healthy(self, timeout: float = 600.0) -> None:
+        pending = list(self.servers)
+        deadline = time.monotonic() + timeout
+        while pending:
+            for server in list(pending):
+                if server.proc.poll() is not None:
+                    raise RuntimeError(
+                        f"{server.name} exited with {server.proc.returncode}; "
+                        f"{server.log_path}:\n{server.log_tail()}"
+                    )
+                if _healthy(server):
+                    pending.remove(server)
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(s.name for s in pending)
+                raise TimeoutError(f"not healthy after {timeout:.0f} s: {names}")
+            time.sleep(1.0)
+
+
+@contextlib.contextmanager
+def pd_stack(
+    model_dir: str | Path,
+    gpus: Sequence[str],
+    log_dir: Path,
+    *,
+    send_type: str,
+    randomization: bool,
+    site: str | Path | None = None,
+    dtype: str = "float16",
+    proxy_timeout: float = 300.0,
+    slot: int = 0,
+) -> Iterator[PDStack]:
+    """Prefill + decode + proxy; yields their URLs (a PDStack)."""
+    *engine_ports, proxy_port = free_ports(5)
+    prefill, decode = plan_pd(
+        gpus,
+        send_type=send_type,
+        randomization=randomization,
+        ports=engine_ports,
+        slot=slot,
+    )
+    with ServerGroup() as group:
+        for spec in (prefill, decode):
+            group.add(start_engine(spec, model_dir, log_dir, site=site, dtype=dtype))
+        proxy = group.add(
+            start_proxy(proxy_port, prefill, decode, log_dir, timeout=proxy_timeout)
+        )
+        group.wait_healthy()
+        yield PDStack(
+            proxy=proxy.url,
+            prefill=url(prefill),
+            decode=url(decode),
+            prefill_kv=prefill.kv_address,
+            decode_kv=decode.kv_address,
+        )
+
+
+@dataclass(frozen=True)
+class PDStack:
+    """Base URLs of a running P/D pair and its proxy, and the engines' KV ports."""
+
+    proxy: str
+    prefill: str
+    decode: str
+    prefill_kv: str
+    decode_kv: str
+
+
+@contextlib.contextmanager
+def reference_stack(
+    model_dir: str | Path,
+    gpus: Sequence[str],
+    log_dir: Path,
+    *,
+    site: str | Path | None = None,
+    dtype: str = "float16",
+) -> Iterator[str]:
+    """The reference engine alone; yields its base URL."""
+    spec = plan_reference(gpus, free_ports(1)[0])
+    with ServerGroup() as group:
+        group.add(start_engine(spec, model_dir, log_dir, site=site, dtype=dtype))
+        group.wait_healthy()
+        yield url(spec)
