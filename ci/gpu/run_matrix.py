@@ -71,6 +71,12 @@ def main() -> int:
     parser.add_argument("--parallel", type=int, default=1, help="cells at once")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument(
+        "--no-chunked-prefill",
+        action="store_true",
+        help="no prompt over --max-num-batched-tokens (stock 0.23.0's producer "
+        "dies on a later prefill chunk that needs no new block)",
+    )
+    parser.add_argument(
         "--reliability",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -94,16 +100,23 @@ def main() -> int:
     if not gpus:
         raise SystemExit("no GPU visible")
     model_dir = tiny_model.build(args.model_dir)
-    requests = workload.build_requests(args.requests)
+    requests = workload.build_requests(
+        args.requests, chunked_prefill=not args.no_chunked_prefill
+    )
     extra = workload.reliability_requests()
     results = Results(args.out)
     results.data.update(
         machine=common.machine_info(gpus),
         trees=trees,
         workload=(
-            f"{len(requests)} concurrent requests (completions and chat, one "
-            f"prompt over --max-num-batched-tokens={servers.MAX_NUM_BATCHED_TOKENS},"
-            f" one n=2), greedy, tiny random Llama ({args.dtype}), "
+            f"{len(requests)} concurrent requests (completions and chat, "
+            + (
+                "no prompt over --max-num-batched-tokens"
+                if args.no_chunked_prefill
+                else "prompts over --max-num-batched-tokens="
+                f"{servers.MAX_NUM_BATCHED_TOKENS}"
+            )
+            + f", one n=2), greedy, tiny random Llama ({args.dtype}), "
             f"{args.timeout:.0f} s per request"
         ),
     )

@@ -30,7 +30,9 @@ logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 HOST = "127.0.0.1"
-MAX_NUM_BATCHED_TOKENS = 256
+# Small, so that prompts are prefilled in chunks. GPU_TIER_MAX_BATCHED_TOKENS
+# raises it: stock 0.23.0's producer dies on some later prefill chunks.
+MAX_NUM_BATCHED_TOKENS = int(os.environ.get("GPU_TIER_MAX_BATCHED_TOKENS", "256"))
 RANDOMIZATION_OFF = "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"
 SEND_TYPES = ("PUT", "PUT_ASYNC", "GET")
 # Environment of every engine; a None value removes the variable.

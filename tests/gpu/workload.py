@@ -63,6 +63,7 @@ def build_requests(
     max_tokens: tuple[int, ...] = (16, 24, 32),
     parallel_sampling: bool = True,
     seed: int = 0,
+    chunked_prefill: bool = True,
 ) -> list[Request]:
     """Mixed completions/chat requests of mixed prompt length.
 
@@ -73,7 +74,10 @@ def build_requests(
     requests = []
     for i in range(count):
         rng = random.Random(seed * 100_003 + i)
-        words = LONG if i % 8 in (0, 5) else (SHORT, MEDIUM, LARGE)[i % 3]
+        if i % 8 in (0, 5):
+            words = LONG if chunked_prefill else LARGE
+        else:
+            words = (SHORT, MEDIUM, LARGE)[i % 3]
         text = sentence(rng, words)
         limit = max_tokens[i % len(max_tokens)]
         body: dict = {
