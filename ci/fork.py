@@ -10,6 +10,7 @@ Subcommands:
   install        editable install of the fork into .venv (the vLLM way:
                  VLLM_USE_PRECOMPILED=1 with the PyPI wheel of the same version)
   install-stock  the unmodified PyPI wheel into .venv-stock, side by side
+  install-lint   vLLM's mypy and typos pins into .venv-lint
   fetch          download the release's sdist and wheel into the cache only
 
 Git runs without personal config and with a fixed committer, so that
@@ -42,6 +43,20 @@ CACHE = Path(os.environ.get("P2P_FIX_CACHE", Path.home() / ".cache" / "vllm-p2p-
 PYPI_SIMPLE = os.environ.get("P2P_FIX_PYPI_SIMPLE", "https://pypi.org/simple")
 VENV = ROOT / ".venv"
 VENV_STOCK = ROOT / ".venv-stock"
+VENV_LINT = ROOT / ".venv-lint"
+# vLLM's own pre-commit environment for mypy (v0.23.0 .pre-commit-config.yaml),
+# and its typos version.
+LINT_DEPS = [
+    "mypy==1.20.2",
+    "regex",
+    "types-cachetools",
+    "types-setuptools",
+    "types-PyYAML",
+    "types-requests",
+    "types-torch",
+    "pydantic",
+    "typos==1.43.5",
+]
 # tblib: vLLM's tests/conftest.py imports it.
 TEST_DEPS = ["msgpack", "quart", "pytest", "pytest-timeout", "ruff==0.14.0", "tblib"]
 BUILD_DEPS = [
@@ -467,6 +482,11 @@ def cmd_install_stock(args) -> None:
     _report(python)
 
 
+def cmd_install_lint(args) -> None:
+    _make_venv(VENV_LINT, LINT_DEPS)
+    log(f"{VENV_LINT.name}: {', '.join(LINT_DEPS)}")
+
+
 def _report(python: Path) -> None:
     code = (
         "import importlib.metadata as m, vllm.distributed.kv_transfer.kv_connector"
@@ -504,6 +524,9 @@ def main() -> None:
     sub.add_parser("install-stock", help="stock wheel into .venv-stock").set_defaults(
         func=cmd_install_stock
     )
+    sub.add_parser(
+        "install-lint", help="vLLM's mypy/typos into .venv-lint"
+    ).set_defaults(func=cmd_install_lint)
     sub.add_parser("fetch", help="download sdist and wheel").set_defaults(
         func=cmd_fetch
     )

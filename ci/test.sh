@@ -12,6 +12,11 @@ step "vLLM's ruff (v0.14.0, vLLM's pyproject config) on ${touched[*]}"
 (cd vllm_fork && ../.venv/bin/ruff check --no-cache "${touched[@]}" \
   && ../.venv/bin/ruff format --check "${touched[@]}")
 
+step "vLLM's mypy (its tools/pre_commit/mypy.py, Python 3.10) and typos"
+(cd vllm_fork && PATH="$PWD/../.venv-lint/bin:$PATH" \
+  python tools/pre_commit/mypy.py 3.10 "${touched[@]}" \
+  && ../.venv-lint/bin/typos --force-exclude "${touched[@]}")
+
 step "the patch's own unit tests, in vLLM's tree (cpu_test)"
 (cd vllm_fork && ../.venv/bin/python -m pytest -p no:cacheprovider -q -m cpu_test \
   tests/v1/kv_connector/unit/test_p2p_nccl_connector.py)
