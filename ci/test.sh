@@ -21,6 +21,10 @@ step "the patch's own unit tests, in vLLM's tree (cpu_test)"
 (cd vllm_fork && ../.venv/bin/python -m pytest -p no:cacheprovider -q -m cpu_test \
   tests/v1/kv_connector/unit/test_p2p_nccl_connector.py)
 
+step "release matrix: every affected release's series (backports regenerate identically)"
+python3 ci/release/backport.py --check
+.venv/bin/python ci/release/check_matrix.py
+
 step "repro matrix: CPU two-engine tier on stock and patched vLLM"
 python3 ci/matrix.py --check
 
