@@ -164,7 +164,7 @@ def series_files() -> list[Path]:
 # ---------------------------------------------------------------- downloads
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -176,7 +176,7 @@ def fetch_sdist(version: str = CONFIG["version"], sha256: str | None = None) -> 
     """Download vllm-<version>.tar.gz from PyPI's simple index into the cache."""
     name = f"vllm-{version}.tar.gz"
     dest = CACHE / "sdist" / name
-    if dest.exists() and (sha256 is None or _sha256(dest) == sha256):
+    if dest.exists() and (sha256 is None or sha256_file(dest) == sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     index = urllib.request.urlopen(f"{PYPI_SIMPLE}/vllm/", timeout=120).read()
@@ -192,7 +192,7 @@ def fetch_sdist(version: str = CONFIG["version"], sha256: str | None = None) -> 
         open(tmp, "wb") as f,
     ):
         shutil.copyfileobj(r, f)
-    if expected and _sha256(tmp) != expected:
+    if expected and sha256_file(tmp) != expected:
         tmp.unlink()
         die(f"{name}: sha256 mismatch (expected {expected})")
     tmp.rename(dest)

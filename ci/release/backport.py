@@ -35,7 +35,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from check_matrix import (
+from check_matrix import (  # also puts ci/ on sys.path
     GIT_ENV,
     PATCHES,
     ROOT,
@@ -45,6 +45,7 @@ from check_matrix import (
     prepare_tree,
     vkey,
 )
+from fork import FORMAT_PATCH  # the same stable export as the main series
 
 MAIN_VERSION = "0.23.0"
 # Groups of releases that share one series text: (first, last, group folder
@@ -59,16 +60,6 @@ GROUPS = [
     ("0.19.0", "0.22.1", None),
 ]
 BACKPORT = "backport"
-FORMAT_PATCH = [
-    "format-patch",
-    "--zero-commit",
-    "--no-signature",
-    "--full-index",
-    "--no-stat",
-    "--keep-subject",
-    "--no-renames",
-    "--encoding=UTF-8",
-]
 AM = ["am", "-q", "--keep-non-patch", "--committer-date-is-author-date"]
 FIXED_DATE = "@946684800 +0000"
 SCRATCH_ENV = {

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import ast
 import functools
-import hashlib
 import json
 import os
 import re
@@ -46,6 +45,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "ci"))
+from fork import sha256_file  # noqa: E402
+
 PATCHES = ROOT / "patches"
 CACHE = Path(os.environ.get("P2P_FIX_CACHE", Path.home() / ".cache" / "vllm-p2p-fix"))
 SDIST_CACHE = CACHE / "sdist"
@@ -150,14 +152,6 @@ def read_index(patches_dir: Path) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- sdists
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @functools.cache
