@@ -13,7 +13,6 @@ the client through the proxy) and adds them to the results file.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import sys
@@ -49,14 +48,7 @@ def measure(args, url: str, requests: list[workload.Request]) -> dict:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument("--stock-site", required=True, type=Path)
-    parser.add_argument("--patched-site", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="markdown file")
+    parser = common.cli(__doc__)
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--send-type", default="PUT_ASYNC", choices=servers.SEND_TYPES)
@@ -68,10 +60,7 @@ def main() -> int:
     )
     parser.add_argument("--log-dir", type=Path, default=servers.log_root() / "bench")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    common.exit_on_signals()
+    common.start_logging()
 
     trees = common.check_trees(args.stock_site, args.patched_site)
     gpus = servers.visible_gpus()

@@ -6,8 +6,10 @@ filled by several shorter runs) and are rendered to <out> (markdown).
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import logging
 import os
 import platform
 import signal
@@ -253,3 +255,24 @@ def render(data: dict) -> str:
             )
         lines += ["", bench["ratio"]]
     return "\n".join(lines) + "\n"
+
+
+def cli(doc: str) -> argparse.ArgumentParser:
+    """The arguments every GPU script takes: the two trees and the results file."""
+    parser = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=doc.split("\n\n", 1)[1],
+    )
+    parser.add_argument("--stock-site", required=True, type=Path)
+    parser.add_argument("--patched-site", required=True, type=Path)
+    parser.add_argument("--out", required=True, type=Path, help="markdown file")
+    return parser
+
+
+def start_logging() -> None:
+    """Log to stderr, and end every server started here on SIGTERM/SIGINT."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    exit_on_signals()

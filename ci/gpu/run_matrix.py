@@ -55,14 +55,7 @@ def select(patterns: str) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("\n\n", 1)[1],
-    )
-    parser.add_argument("--stock-site", required=True, type=Path)
-    parser.add_argument("--patched-site", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="markdown file")
+    parser = common.cli(__doc__)
     parser.add_argument(
         "--cells", default="*", help="TREE:SEND_TYPE:on|off globs, comma separated"
     )
@@ -88,10 +81,7 @@ def main() -> int:
     )
     parser.add_argument("--log-dir", type=Path, default=servers.log_root() / "matrix")
     args = parser.parse_args()
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    common.exit_on_signals()
+    common.start_logging()
 
     cells = select(args.cells)
     trees = common.check_trees(args.stock_site, args.patched_site)

@@ -62,6 +62,13 @@ PREFILL_KV_PORT = 21001
 DECODE_KV_PORT = 22001
 
 
+def set_randomization(monkeypatch, randomization: str) -> None:
+    """Request id randomization "on" (vLLM's default) or "off" in both engines."""
+    monkeypatch.setenv(
+        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
+    )
+
+
 def proxy_request_id(
     prefill_port: int = PREFILL_KV_PORT, decode_port: int = DECODE_KV_PORT
 ) -> str:

@@ -18,6 +18,7 @@ from .pd import (
     expected_kv,
     proxy_request_id,
     reference_tokens,
+    set_randomization,
 )
 from .test_two_engine import DECODE_MAX_TOKENS, HANG_TIMEOUT_S, make_prompt
 
@@ -29,9 +30,7 @@ pytestmark = [
 
 @pytest.fixture
 def pair(network, tiny_model_dir, monkeypatch, send_type, randomization):
-    monkeypatch.setenv(
-        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
-    )
+    set_randomization(monkeypatch, randomization)
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
     decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
     return prefill, decode

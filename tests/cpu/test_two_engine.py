@@ -23,6 +23,7 @@ from .pd import (
     expected_kv,
     proxy_request_id,
     reference_tokens,
+    set_randomization,
 )
 
 # A hang of the decode engine ends the test after this many seconds.
@@ -59,9 +60,7 @@ def make_prompt(index: int, length: int) -> list[int]:
 def test_pd_transfer(
     network, tiny_model_dir, monkeypatch, send_type, randomization, workload
 ):
-    monkeypatch.setenv(
-        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
-    )
+    set_randomization(monkeypatch, randomization)
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
     decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
 
@@ -121,9 +120,7 @@ def test_prefill_chunk_within_allocated_blocks(
     The scheduler then sends ``new_block_ids=None`` for the request. Stock
     0.23.0's producer asserts on that and the engine core dies.
     """
-    monkeypatch.setenv(
-        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
-    )
+    set_randomization(monkeypatch, randomization)
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, "PUT_ASYNC")
     decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, "PUT_ASYNC")
     # Step 1: all of the first prompt and 28 tokens (2 blocks) of the second;
@@ -156,9 +153,7 @@ def test_decode_preempted_and_resumed(
     network, tiny_model_dir, monkeypatch, send_type, randomization
 ):
     """Decode runs out of KV blocks, preempts requests, and loads them again."""
-    monkeypatch.setenv(
-        "VLLM_DISABLE_REQUEST_ID_RANDOMIZATION", "0" if randomization == "on" else "1"
-    )
+    set_randomization(monkeypatch, randomization)
     max_tokens = 40
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
     decode = PDEngine(
