@@ -57,8 +57,9 @@ def classify(case: ET.Element) -> str:
     return "crash"
 
 
-def run_tree(tree: str, log_dir: Path) -> dict[str, str]:
-    python = TREES[tree] / "bin" / "python"
+def run_tree(tree: str, log_dir: Path, python: Path | None = None) -> dict[str, str]:
+    """The tier's outcome per case on TREE (or on PYTHON, named TREE)."""
+    python = python or TREES[tree] / "bin" / "python"
     if not python.exists():
         sys.exit(f"{python} missing: run bash ci/setup.sh first")
     junit = log_dir / f"cpu-tier-{tree}.xml"
