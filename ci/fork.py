@@ -11,6 +11,10 @@ Subcommands:
                  VLLM_USE_PRECOMPILED=1 with the PyPI wheel of the same version)
   install-stock  the unmodified PyPI wheel into .venv-stock, side by side
   install-lint   vLLM's mypy and typos pins into .venv-lint
+  install-tools  uv (pinned) into .venv-tools, made with python3 -m venv; the
+                 other install steps make it on first use
+  check-sdist    download the sdist, extract it safely into a temporary folder
+                 and check its _version.py (init's sdist path; writes nothing)
   fetch          download the release's sdist and wheel into the cache only
 
 Git runs without personal config and with a fixed committer, so that
@@ -24,6 +28,7 @@ import filecmp
 import hashlib
 import json
 import os
+import posixpath
 import re
 import shutil
 import subprocess
@@ -44,6 +49,13 @@ PYPI_SIMPLE = os.environ.get("P2P_FIX_PYPI_SIMPLE", "https://pypi.org/simple")
 VENV = ROOT / ".venv"
 VENV_STOCK = ROOT / ".venv-stock"
 VENV_LINT = ROOT / ".venv-lint"
+# uv, pinned, in a venv of its own made with the standard library: setup and
+# the tests use this one, never a uv that happens to be on PATH.
+VENV_TOOLS = ROOT / ".venv-tools"
+UV_VERSION = "0.13.9"
+# Never let uv download a Python of its own: the venvs use the interpreter
+# that runs this script.
+UV_ENV = {"UV_PYTHON_DOWNLOADS": "never"}
 # vLLM's own pre-commit environment for mypy (v0.23.0 .pre-commit-config.yaml),
 # and its typos version.
 LINT_DEPS = [
@@ -161,6 +173,61 @@ def series_files() -> list[Path]:
     return [PATCHES / n for n in names]
 
 
+# ---------------------------------------------------------------- archives
+
+
+class UnsafeArchive(ValueError):
+    """A member of a downloaded archive would land outside its folder."""
+
+
+def _check_members(members: list[tarfile.TarInfo]) -> None:
+    """Refuse absolute paths, "..", links leading out, paths through a
+    symlink of the archive, and devices: the same checks on every Python."""
+    symlinks = set()
+    for m in members:
+        name = m.name.rstrip("/")
+        if posixpath.isabs(m.name):
+            raise UnsafeArchive(f"{m.name!r}: absolute path")
+        parts = name.split("/")
+        if ".." in parts:
+            raise UnsafeArchive(f"{m.name!r}: '..' in the path")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in symlinks:
+                raise UnsafeArchive(f"{m.name!r}: path goes through a symlink")
+        if m.issym() or m.islnk():
+            # A symlink's target is relative to its folder, a hard link's to
+            # the archive's root.
+            base = posixpath.dirname(name) if m.issym() else ""
+            target = posixpath.normpath(posixpath.join(base, m.linkname))
+            if posixpath.isabs(m.linkname) or target.split("/")[0] == "..":
+                raise UnsafeArchive(
+                    f"{m.name!r}: link to {m.linkname!r} points outside"
+                )
+            if m.issym():
+                symlinks.add(name)
+        elif m.isdev():
+            raise UnsafeArchive(f"{m.name!r}: device or fifo")
+        elif not (m.isfile() or m.isdir()):
+            raise UnsafeArchive(f"{m.name!r}: unsupported member type {m.type!r}")
+
+
+def extract_tar(archive: str | Path, dest: str | Path) -> None:
+    """Extract a downloaded archive into dest, safely on every Python 3.10+.
+
+    Every member is checked first (nothing is written when one is bad). Where
+    tarfile has extraction filters (3.10.12+, 3.11.4+, 3.12+) the "tar"
+    filter guards the extraction too; older versions rely on the checks.
+    """
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        _check_members(members)
+        Path(dest).mkdir(parents=True, exist_ok=True)
+        if hasattr(tarfile, "tar_filter"):
+            tar.extractall(dest, members=members, filter="tar")
+        else:
+            tar.extractall(dest, members=members)  # checked above
+
+
 # ---------------------------------------------------------------- downloads
 
 
@@ -208,13 +275,15 @@ def fetch_wheel() -> Path:
         return found[-1]
     dest.mkdir(parents=True, exist_ok=True)
     log(f"downloading the vllm {version} wheel")
+    _uv()  # .venv-tools: a pip the system Python may lack
     run(
         [
-            sys.executable,
+            VENV_TOOLS / "bin" / "python",
             "-m",
             "pip",
             "download",
             "-q",
+            "--disable-pip-version-check",
             "--no-deps",
             "--only-binary=:all:",
             f"vllm=={version}",
@@ -271,21 +340,33 @@ def _try_submodule() -> bool:
     return False
 
 
-def _init_from_sdist() -> None:
+def _unpack_sdist(dest: Path) -> tuple[Path, int]:
+    """Download (cached, sha256-checked) and safely extract the pinned sdist
+    into dest; check that its _version.py names the pinned commit. Returns the
+    source folder and the sdist's PKG-INFO mtime."""
     sdist = fetch_sdist(sha256=CONFIG["sdist_sha256"])
     top = f"vllm-{CONFIG['version']}"
-    with tempfile.TemporaryDirectory() as tmp, tarfile.open(sdist) as tar:
-        tar.extractall(tmp, filter="tar")
-        src = Path(tmp) / top
-        version_py = (src / "vllm" / "_version.py").read_text()
-        m = re.search(r"commit_id\s*=\s*'g([0-9a-f]+)'", version_py)
-        if not m or not CONFIG["commit"].startswith(m.group(1)):
-            die(f"sdist vllm/_version.py does not name commit {CONFIG['commit']}")
-        log(
-            f"sdist vllm/_version.py names commit g{m.group(1)} (pinned "
-            f"{CONFIG['commit'][:12]}): ok"
-        )
-        mtime = tar.getmember(f"{top}/PKG-INFO").mtime
+    try:
+        extract_tar(sdist, dest)
+        with tarfile.open(sdist) as tar:
+            mtime = tar.getmember(f"{top}/PKG-INFO").mtime
+    except (UnsafeArchive, tarfile.TarError, KeyError) as e:
+        die(f"{sdist.name}: refusing to extract: {e}")
+    src = dest / top
+    version_py = (src / "vllm" / "_version.py").read_text()
+    m = re.search(r"commit_id\s*=\s*'g([0-9a-f]+)'", version_py)
+    if not m or not CONFIG["commit"].startswith(m.group(1)):
+        die(f"sdist vllm/_version.py does not name commit {CONFIG['commit']}")
+    log(
+        f"sdist vllm/_version.py names commit g{m.group(1)} (pinned "
+        f"{CONFIG['commit'][:12]}): ok"
+    )
+    return src, mtime
+
+
+def _init_from_sdist() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        src, mtime = _unpack_sdist(Path(tmp))
         shutil.rmtree(src / "vllm.egg-info", ignore_errors=True)
         FORK.mkdir(exist_ok=True)
         if any(FORK.iterdir()):
@@ -428,22 +509,50 @@ def cmd_check(args) -> None:
 # ---------------------------------------------------------------- install
 
 
+def uv_bin() -> Path:
+    """The uv that setup installs (.venv-tools/bin/uv)."""
+    return VENV_TOOLS / "bin" / "uv"
+
+
 def _uv() -> list[str]:
-    if shutil.which("uv"):
-        return ["uv"]
-    res = run([sys.executable, "-m", "uv", "--version"], check=False, capture=True)
-    if res.returncode != 0:
-        log("installing uv")
-        run([sys.executable, "-m", "pip", "install", "-q", "uv"])
-    return [sys.executable, "-m", "uv"]
+    """The project's uv, installed into .venv-tools on first use."""
+    uv = uv_bin()
+    if uv.exists():
+        res = run([uv, "--version"], check=False, capture=True)
+        if res.returncode == 0 and res.stdout.split()[1:2] == [UV_VERSION]:
+            return [str(uv)]
+    python = VENV_TOOLS / "bin" / "python"
+    if not python.exists():
+        log(f"creating {VENV_TOOLS.name} ({sys.executable} -m venv)")
+        res = run([sys.executable, "-m", "venv", VENV_TOOLS], check=False, capture=True)
+        if res.returncode != 0:
+            shutil.rmtree(VENV_TOOLS, ignore_errors=True)
+            sys.stderr.write(res.stdout + res.stderr)
+            die(
+                f"{sys.executable} -m venv failed; on Debian/Ubuntu install "
+                "python3-venv (apt-get install python3-venv)"
+            )
+    log(f"installing uv=={UV_VERSION} into {VENV_TOOLS.name}")
+    run(
+        [
+            python,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--disable-pip-version-check",
+            f"uv=={UV_VERSION}",
+        ]
+    )
+    return [str(uv)]
 
 
 def _make_venv(path: Path, packages: list[str]) -> Path:
     uv = _uv()
     python = path / "bin" / "python"
     if not python.exists():
-        run([*uv, "venv", "-q", "--python", sys.executable, path])
-    run([*uv, "pip", "install", "-q", "--python", python, *packages])
+        run([*uv, "venv", "-q", "--python", sys.executable, path], env=UV_ENV)
+    run([*uv, "pip", "install", "-q", "--python", python, *packages], env=UV_ENV)
     return python
 
 
@@ -467,6 +576,7 @@ def cmd_install(args) -> None:
             FORK,
         ],
         env={
+            **UV_ENV,
             "VLLM_USE_PRECOMPILED": "1",
             "VLLM_PRECOMPILED_WHEEL_LOCATION": str(wheel),
             "SETUPTOOLS_SCM_PRETEND_VERSION": CONFIG["version"],
@@ -496,6 +606,15 @@ def _report(python: Path) -> None:
     log(f"{python.parent.parent.name}: vllm {out}")
 
 
+def cmd_install_tools(args) -> None:
+    log(f"{VENV_TOOLS.name}: {' '.join(_uv())}")
+
+
+def cmd_check_sdist(args) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        _unpack_sdist(Path(tmp))
+
+
 def cmd_fetch(args) -> None:
     log(f"sdist: {fetch_sdist(sha256=CONFIG['sdist_sha256'])}")
     log(f"wheel: {fetch_wheel()}")
@@ -518,6 +637,9 @@ def main() -> None:
     sub.add_parser("check", help="fail if patches/ is stale").set_defaults(
         func=cmd_check
     )
+    sub.add_parser(
+        "install-tools", help=f"uv=={UV_VERSION} into .venv-tools"
+    ).set_defaults(func=cmd_install_tools)
     sub.add_parser("install", help="editable fork into .venv").set_defaults(
         func=cmd_install
     )
@@ -527,6 +649,9 @@ def main() -> None:
     sub.add_parser(
         "install-lint", help="vLLM's mypy/typos into .venv-lint"
     ).set_defaults(func=cmd_install_lint)
+    sub.add_parser(
+        "check-sdist", help="download, extract and check the sdist only"
+    ).set_defaults(func=cmd_check_sdist)
     sub.add_parser("fetch", help="download sdist and wheel").set_defaults(
         func=cmd_fetch
     )
