@@ -60,17 +60,23 @@ class Venv:
 
 
 @pytest.fixture(scope="session")
-def stock_venv(tmp_path_factory) -> Venv:
-    if shutil.which("uv") is None:
-        pytest.fail("uv is not on PATH (https://docs.astral.sh/uv/)")
+def uv() -> Path:
+    """The uv that ci/setup.sh installed, not one that happens to be on PATH."""
+    if not fork.uv_bin().exists():
+        pytest.fail(f"{fork.uv_bin()} is missing; run: bash ci/setup.sh")
+    return fork.uv_bin()
+
+
+@pytest.fixture(scope="session")
+def stock_venv(tmp_path_factory, uv) -> Venv:
     wheel = fork.fetch_wheel()
     venv = tmp_path_factory.mktemp("apply_installed") / "venv"
     env = {**os.environ, "UV_PYTHON_DOWNLOADS": "never", "UV_OFFLINE": "1"}
     for cmd in (
-        ["uv", "venv", "-q", "--python", sys.executable, venv],
+        [uv, "venv", "-q", "--python", sys.executable, venv],
         # copy, not hardlink: the tests edit files that uv's cache would share
         [
-            "uv",
+            uv,
             "pip",
             "install",
             "-q",
@@ -170,8 +176,8 @@ def test_index_picks_the_series_of_the_version(venv, tmp_path):
     assert "(supported: 0.9.1, 0.22.1, 0.23.0)" in res.stderr
 
 
-def test_not_installed(tmp_path):
-    res = run("uv", "venv", "-q", "--python", sys.executable, tmp_path / "bare")
+def test_not_installed(tmp_path, uv):
+    res = run(uv, "venv", "-q", "--python", sys.executable, tmp_path / "bare")
     assert res.returncode == 0, res.stderr
     res = run(sys.executable, TOOL, "--python", tmp_path / "bare" / "bin" / "python")
     assert res.returncode == 2
