@@ -8,6 +8,7 @@
 #   .venv        the fork installed editable (VLLM_USE_PRECOMPILED=1) + test tools
 #   .venv-stock  the unmodified vllm==0.23.0 wheel + test tools, for comparison
 #   .venv-lint   vLLM's own mypy and typos pins
+# --python-check: only check git and python3, install nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v git >/dev/null || { echo "setup: error: git is not on PATH" >&2; exit 1; }
@@ -25,6 +26,7 @@ except ImportError:
              "apt-get install python3-venv" % sys.executable)
 print("setup: python3 %d.%d.%d (%s)" % (v[0], v[1], v[2], sys.executable))
 PY
+[[ "${1:-}" == --python-check ]] && exit 0
 python3 ci/fork.py install-tools
 python3 ci/fork.py init
 python3 ci/fork.py apply
