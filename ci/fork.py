@@ -54,8 +54,9 @@ VENV_LINT = ROOT / ".venv-lint"
 VENV_TOOLS = ROOT / ".venv-tools"
 UV_VERSION = "0.13.9"
 # Never let uv download a Python of its own: the venvs use the interpreter
-# that runs this script.
-UV_ENV = {"UV_PYTHON_DOWNLOADS": "never"}
+# that runs this script. Trust the system's certificates, as git, pip and
+# urllib do (uv's default is its own bundle, which a TLS proxy breaks).
+UV_ENV = {"UV_PYTHON_DOWNLOADS": "never", "UV_SYSTEM_CERTS": "1"}
 # vLLM's own pre-commit environment for mypy (v0.23.0 .pre-commit-config.yaml),
 # and its typos version.
 LINT_DEPS = [
