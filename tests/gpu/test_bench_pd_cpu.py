@@ -1,0 +1,240 @@
+"""The pure parts of ci/gpu/bench_pd.py and ci/gpu/nccl_bw.py, on CPU."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "ci" / "gpu"))
+
+import bench_pd  # noqa: E402
+import nccl_bw  # noqa: E402
+
+pytestmark = pytest.mark.cpu
+
+
+def test_schedule_is_abba_with_one_prompt_set_per_pair():
+    order = bench_pd.schedule(4)
+    assert len(order) == 8
+    trees = "".join("A" if tree == "stock" else "B" for _, tree in order)
+    assert trees == "ABBAABBA"
+    assert [pair for pair, _ in order] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for k in range(4):  # each pair: both trees once
+        assert {t for p, t in order if p == k} == {"stock", "patched"}
+
+
+def test_round_prompts_same_per_pair_balanced_and_in_vocab():
+    a = bench_pd.round_prompts(3, 8)
+    assert a == bench_pd.round_prompts(3, 8)  # both rounds of a pair
+    assert a != bench_pd.round_prompts(4, 8)
+    lengths = sorted(len(p) for p in a)
+    assert lengths == sorted(list(bench_pd.LENGTHS) * 2)
+    ids = {i for p in a for i in p}
+    assert min(ids) >= bench_pd.FIRST_WORD and max(ids) < 128256
+
+
+def test_percentile_matches_linear_interpolation():
+    assert bench_pd.percentile([], 50) is None
+    assert bench_pd.percentile([3.0], 90) == 3.0
+    assert bench_pd.percentile([1, 2, 3, 4], 50) == 2.5
+    assert bench_pd.percentile(list(range(11)), 90) == pytest.approx(9.0)
+    assert bench_pd.percentile([10, 0, 5], 25) == 2.5
+
+
+def test_bootstrap_ratio_brackets_the_ratio_and_narrows_with_pairs():
+    rng = random.Random(1)
+    few = [(100 + rng.gauss(0, 3), 99 + rng.gauss(0, 3)) for _ in range(4)]
+    many = [(100 + rng.gauss(0, 3), 99 + rng.gauss(0, 3)) for _ in range(64)]
+    r_few = bench_pd.bootstrap_ratio(few, resamples=2000)
+    r_many = bench_pd.bootstrap_ratio(many, resamples=2000)
+    for r in (r_few, r_many):
+        lo, hi = r["ci95"]
+        assert lo <= r["ratio"] <= hi
+    assert r_many["half_width_pct"] < r_few["half_width_pct"]
+    assert r_many["ci95"][0] < 0.99 < r_many["ci95"][1]  # the true ratio
+    assert bench_pd.bootstrap_ratio([]) is None
+    same = bench_pd.bootstrap_ratio([(10.0, 10.0)] * 5, resamples=100)
+    assert same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0]
+    # deterministic: same seed, same interval
+    assert bench_pd.bootstrap_ratio(few, resamples=2000) == r_few
+
+
+def _round(pair, tree, tps, ttft, failed=0):
+    summary = {
+        "tokens_per_s": tps,
+        "ttft_p50_ms": ttft,
+        "ttft_p90_ms": 2 * ttft,
+        "itl_p50_ms": 10.0,
+        "tpot_p50_ms": 10.0,
+        "failed": failed,
+        "requests": 8,
+        "short": 0,
+        "seconds": 1.0,
+    }
+    return {"pair": pair, "tree": tree, "summary": summary}
+
+
+def test_paired_skips_failed_and_incomplete_pairs():
+    rounds = [
+        _round(0, "stock", 100.0, 50.0),
+        _round(0, "patched", 98.0, 51.0),
+        _round(1, "patched", 97.0, 52.0),
+        _round(1, "stock", 101.0, 49.0, failed=1),
+        _round(2, "stock", 102.0, 48.0),  # pair cut short
+    ]
+    assert bench_pd.paired(rounds, "tokens_per_s") == [(100.0, 98.0)]
+    ratios = bench_pd.ratios(rounds, resamples=100)
+    assert ratios["tokens_per_s"]["ratio"] == 0.98
+    assert ratios["ttft_p50_ms"]["ratio"] == 1.02
+
+
+def test_summarize_round():
+    ok = bench_pd.Sample(1024, ok=True, ttft=0.1, latency=1.37, output_tokens=128)
+    ok.itls = [0.01] * 127
+    short = bench_pd.Sample(2048, ok=True, ttft=0.3, output_tokens=100)
+    short.detail = "100 output tokens"
+    failed = bench_pd.Sample(4096, detail="no answer in 120 s")
+    s = bench_pd.summarize_round([ok, short, failed], 2.0)
+    assert s["requests"] == 3 and s["failed"] == 1 and s["short"] == 1
+    assert s["output_tokens"] == 228 and s["tokens_per_s"] == 114.0
+    assert s["ttft_p50_ms"] == 200.0 and s["itl_p50_ms"] == 10.0
+    assert s["tpot_p50_ms"] == 10.0  # (1.37 - 0.1) / 127; short has no latency
+    assert s["prompt_tokens"] == 1024 + 2048 + 4096
+    assert "no answer in 120 s" in s["errors"]
+
+
+def test_request_body_forces_exactly_128_tokens():
+    body = bench_pd.request_body([5, 6, 7])
+    assert body["max_tokens"] == body["min_tokens"] == 128
+    assert body["ignore_eos"] is True and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert "stream" not in bench_pd.request_body([5], 1, stream=False)
+
+
+def test_model_config_has_the_8b_shape():
+    c = bench_pd.model_config()
+    assert (
+        c["num_hidden_layers"],
+        c["hidden_size"],
+        c["num_attention_heads"],
+        c["num_key_value_heads"],
+        c["head_dim"],
+        c["intermediate_size"],
+        c["vocab_size"],
+        c["torch_dtype"],
+    ) == (32, 4096, 32, 8, 128, 14336, 128256, "bfloat16")
+    assert c["max_position_embeddings"] >= 16384
+    assert bench_pd.kv_bytes_per_token(c) == 128 * 1024
+    assert bench_pd.kv_bytes(c, 1024) == 128 * 1024**2
+    assert bench_pd.kv_bytes(c, 1000) == 1008 * 128 * 1024  # whole blocks
+    # nccl_bw sends the same bytes per layer
+    assert nccl_bw.layer_bytes(1000) * 32 == bench_pd.kv_bytes(c, 1000)
+    assert nccl_bw.layer_shape(1000, 16, 8, 128) == (63, 2, 16, 8, 128)
+
+
+def test_engine_plan_and_pairs():
+    plan = bench_pd.EnginePlan()
+    specs = bench_pd.plan_pairs(["0", "1"], list(range(9000, 9008)))
+    assert set(specs) == {"stock", "patched"}
+    for tree, (prefill, decode) in specs.items():
+        assert prefill.env["CUDA_VISIBLE_DEVICES"] == "0"
+        assert decode.env["CUDA_VISIBLE_DEVICES"] == "1"
+        for spec in (prefill, decode):
+            env = spec.env
+            assert env["NCCL_NVLS_ENABLE"] == "0"
+            assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1"
+            assert env["NVSHMEM_DISABLE_NVLS"] == "1"
+            assert env["NCCL_HOSTID"] is None  # removed: two GPUs
+            off = env["VLLM_DISABLE_REQUEST_ID_RANDOMIZATION"]
+            assert off == ("1" if tree == "stock" else None)
+            cmd = bench_pd.engine_command(spec, plan, Path("/m"))
+            assert "--load-format=dummy" in cmd
+            assert "--no-enable-chunked-prefill" in cmd
+            assert "--no-enable-prefix-caching" in cmd
+            kv = json.loads(cmd[-1].split("=", 1)[1])
+            assert kv["kv_connector_extra_config"]["send_type"] == "PUT_ASYNC"
+            assert kv["kv_port"] == spec.kv_port
+    ports = [s.port for p in specs.values() for s in p]
+    ports += [s.kv_port for p in specs.values() for s in p]
+    assert len(set(ports)) == 8
+    with pytest.raises(ValueError):
+        bench_pd.plan_pairs(["0"], list(range(8)))
+
+
+def test_parse_args_quick_and_defaults():
+    base = ["--stock-site", "/s", "--patched-site", "/p", "--out", "/o"]
+    full = bench_pd.parse_args(base)
+    quick = bench_pd.parse_args([*base, "--quick"])
+    assert (full.pairs, full.requests, full.concurrency) == (16, 48, 12)
+    assert quick.pairs < full.pairs and quick.requests < full.requests
+    assert bench_pd.parse_args([*base, "--quick", "--pairs", "5"]).pairs == 5
+
+
+def test_save_writes_json_and_markdown(tmp_path):
+    data = {
+        "machine": {"gpu": "H100, H100"},
+        "topology": "GPU0 X NV18",
+        "trees": {},
+        "rounds": [
+            _round(k, t, 100.0 + k, 50.0)
+            for k in range(3)
+            for t in ("stock", "patched")
+        ],
+        "nccl_bw": {
+            "nccl": "2.28.9",
+            "nccl_num_channels": "8",
+            "rows": [
+                {
+                    "tokens": 1024,
+                    "bytes": 134217728,
+                    "plain_s": 0.001,
+                    "plain_GBps": 134.2,
+                    "per_layer_s": 0.002,
+                    "per_layer_GBps": 67.1,
+                    "connector_s": 0.004,
+                    "connector_GBps": 33.6,
+                }
+            ],
+        },
+        "transfer_probe": {
+            "method": "m",
+            "rows": [
+                {
+                    "tokens": 1024,
+                    "prefill_alone_ms": 50.0,
+                    "stock": {"prefill_with_transfer_ms": 52.0, "ttft_ms": 70.0},
+                }
+            ],
+        },
+        "notes": ["a note"],
+    }
+    bench_pd.save(tmp_path, data, resamples=200)
+    saved = json.loads((tmp_path / "bench_pd.json").read_text())
+    assert saved["ratios"]["tokens_per_s"]["ratio"] == 1.0
+    md = (tmp_path / "bench_pd.md").read_text()
+    assert "| output tokens/s | 101.0 | 101.0 | 1.0000 |" in md
+    assert "| 1024 | 134217728 | 134.2 (1.00) |" in md
+    assert "GPU0 X NV18" in md and "a note" in md
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_built_model_folder(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    out = bench_pd.build_model(tmp_path / "m", num_layers=2)
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 2 and config["vocab_size"] == 128256
+    tok = AutoTokenizer.from_pretrained(out)
+    assert len(tok) == 128256
+    assert tok("w5 w128255 w7").input_ids == [5, 128255, 7]  # a word a token
+    assert tok.decode([5, 128255]) == "w5 w128255"
+    assert tok.eos_token_id == config["eos_token_id"]
+    mtime = (out / "tokenizer.json").stat().st_mtime_ns
+    bench_pd.build_model(out, num_layers=2)  # reused, not rebuilt
+    assert (out / "tokenizer.json").stat().st_mtime_ns == mtime
