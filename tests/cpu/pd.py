@@ -92,8 +92,15 @@ def expected_kv(token_ids: list[int], layer: int) -> torch.Tensor:
 
 
 def build_vllm_config(
-    model_dir: str, kv_role: str, kv_port: int, send_type: str
+    model_dir: str,
+    kv_role: str,
+    kv_port: int,
+    send_type: str,
+    kv_load_failure_policy: str = "fail",
+    kv_buffer_size: float = 1e9,
+    **extra_config,
 ) -> VllmConfig:
+    """The engine's config; extra_config goes to kv_connector_extra_config."""
     model_config = ModelConfig(
         model=model_dir, dtype="float16", seed=42, skip_tokenizer_init=True
     )
@@ -111,8 +118,9 @@ def build_vllm_config(
             kv_connector="P2pNcclConnector",
             kv_role=kv_role,
             kv_port=kv_port,
-            kv_buffer_size=1e9,
-            kv_connector_extra_config={"send_type": send_type},
+            kv_buffer_size=kv_buffer_size,
+            kv_load_failure_policy=kv_load_failure_policy,
+            kv_connector_extra_config={"send_type": send_type, **extra_config},
         ),
         device_config=DeviceConfig("cpu"),
     )
@@ -144,9 +152,12 @@ class PDEngine:
         kv_port: int,
         send_type: str,
         num_blocks: int = NUM_BLOCKS,
+        **kv_options,
     ):
         self.kv_role = kv_role
-        self.vllm_config = build_vllm_config(model_dir, kv_role, kv_port, send_type)
+        self.vllm_config = build_vllm_config(
+            model_dir, kv_role, kv_port, send_type, **kv_options
+        )
         spec = FullAttentionSpec(
             block_size=BLOCK_SIZE,
             num_kv_heads=1,
@@ -191,6 +202,8 @@ class PDEngine:
         self.connector_requests: set[str] = set()
         # requests preempted at least once
         self.preempted: set[str] = set()
+        # request id -> why it finished (FinishReason), as the client sees it
+        self.finish_reasons: dict[str, object] = {}
         # request id -> number of prompt chunks it was prefilled in
         self.prefill_chunks: dict[str, int] = {}
 
@@ -239,7 +252,11 @@ class PDEngine:
         with set_current_vllm_config(self.vllm_config):
             out = self.scheduler.schedule()
             runner_output = self._execute(out)
-            self.scheduler.update_from_output(out, runner_output)
+            engine_outputs = self.scheduler.update_from_output(out, runner_output)
+        for outputs in engine_outputs.values():
+            for output in outputs.outputs:
+                if output.finish_reason is not None:
+                    self.finish_reasons[output.request_id] = output.finish_reason
         return out
 
     def run_until_idle(self, max_steps: int = 200) -> None:
@@ -267,11 +284,18 @@ class PDEngine:
                 self._forward(out, attn_metadata)
             self.connector.wait_for_save()
             sending, recving = self.connector.get_finished(out.finished_req_ids)
+            # As vLLM's model runner does (KVConnectorModelRunnerMixin).
+            invalid_block_ids = self.connector.get_block_ids_with_load_errors()
             self.connector.clear_connector_metadata()
         for req_id in out.finished_req_ids:
             self.requests.pop(req_id, None)
         return self._sample(
-            out, KVConnectorOutput(finished_sending=sending, finished_recving=recving)
+            out,
+            KVConnectorOutput(
+                finished_sending=sending,
+                finished_recving=recving,
+                invalid_block_ids=invalid_block_ids,
+            ),
         )
 
     def _update_worker_state(self, out: SchedulerOutput) -> None:
