@@ -146,7 +146,8 @@ class HangDetectingCondition(threading.Condition):
 
     def wait(self, timeout: float | None = None) -> bool:
         engine = self._engine()
-        if engine is None or engine.awaited_key() is None:
+        if engine is None or engine.awaited_key() is None or timeout is not None:
+            # A bounded wait (the patched recv_tensor) is not a hang: it ends.
             return super().wait(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -209,6 +210,8 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
                 )
                 self._send_thread.start()
         self.recv_store: dict[str, Any] = {}
+        # Test hook: this many next PUTs fail on the receiver (out of memory).
+        self.failing_puts = 0
         self.recv_refs: dict[str, int] = {}  # the patched engine's bookkeeping
         self.recv_dropped: dict[str, int] = {}
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
@@ -261,8 +264,13 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
 
     # ---- the wire, receiver side of PUT (listen_for_requests, cmd PUT)
     def _on_put(self, tensor_id: str, tensor: torch.Tensor) -> None:
-        tensor = tensor.clone()
-        self.buffer_size += tensor.element_size() * tensor.numel()
+        if self.failing_puts > 0:
+            # The listener ran out of memory: it stores None for the key.
+            self.failing_puts -= 1
+            tensor = None
+        else:
+            tensor = tensor.clone()
+            self.buffer_size += tensor.element_size() * tensor.numel()
         with self.recv_store_cv:
             if hasattr(self, "store_received_tensor"):  # the patched engine
                 self.store_received_tensor(tensor_id, tensor)
@@ -272,14 +280,20 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
             self.recv_store_cv.notify()
 
     # ---- the wire, GET: ask the producer for one key
-    def recv_tensor(
-        self, tensor_id: str, remote_address: str | None = None, **kwargs
-    ):
+    def recv_tensor(self, tensor_id: str, remote_address: str | None = None, **kwargs):
         NETWORK.driven_by_this_thread()
         if self.send_type in ("PUT", "PUT_ASYNC"):
             with self.awaiting(tensor_id):
                 return super().recv_tensor(tensor_id, remote_address, **kwargs)
         if remote_address is None:
+            return None
+        if remote_address not in NETWORK.engines:
+            # The producer is gone: the real engine's GET waits for an answer
+            # without bound (stock) or until its timeout (patched).
+            if kwargs.get("timeout") is None:
+                raise KVTransferHang(
+                    f"hang: GET {tensor_id!r} from {remote_address}, which is gone"
+                )
             return None
         tensor = NETWORK.peer(remote_address)._on_get(tensor_id)
         if tensor is None:
