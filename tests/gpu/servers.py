@@ -44,6 +44,10 @@ COMMON_ENV: dict[str, str | None] = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "PYTHONUNBUFFERED": "1",
+    # NVLink multicast off: it can take a shared host's GPUs out of service.
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
     RANDOMIZATION_OFF: None,
 }
 ENGINE_ARGS = [
@@ -72,6 +76,7 @@ class EngineSpec:
     kv_role: str | None = None  # None: no KV transfer (reference engine)
     kv_port: int | None = None
     send_type: str | None = None
+    extra_args: list[str] = field(default_factory=list)  # after ENGINE_ARGS
 
     @property
     def kv_address(self) -> str:
@@ -99,13 +104,15 @@ class EngineSpec:
         }
 
     def args(self, model_dir: str | Path, dtype: str = "float16") -> list[str]:
+        overridden = {a.split("=", 1)[0] for a in self.extra_args}
         args = [
             f"--model={model_dir}",
             f"--served-model-name={MODEL_NAME}",
             f"--host={HOST}",
             f"--port={self.port}",
             f"--dtype={dtype}",
-            *ENGINE_ARGS,
+            *(a for a in ENGINE_ARGS if a.split("=", 1)[0] not in overridden),
+            *self.extra_args,
         ]
         if (config := self.kv_transfer_config()) is not None:
             args.append("--kv-transfer-config=" + json.dumps(config))
