@@ -133,6 +133,7 @@ class WorkerRequest:
     token_ids: list[int]
     block_ids: list[int]
     num_computed: int = 0
+    num_prompt: int = 0
 
 
 @dataclass
@@ -255,6 +256,11 @@ class PDEngine:
             engine_outputs = self.scheduler.update_from_output(out, runner_output)
         for outputs in engine_outputs.values():
             for output in outputs.outputs:
+                # What the client receives, as the engine core emits it.
+                completion = self.completions[output.request_id]
+                completion.outputs.setdefault(output.request_id, []).extend(
+                    output.new_token_ids
+                )
                 if output.finish_reason is not None:
                     self.finish_reasons[output.request_id] = output.finish_reason
         return out
@@ -305,6 +311,7 @@ class PDEngine:
                 token_ids=list(new.prompt_token_ids or []),
                 block_ids=list(new.block_ids[0]),
                 num_computed=new.num_computed_tokens,
+                num_prompt=len(new.prompt_token_ids or []),
             )
         cached = out.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
@@ -315,6 +322,9 @@ class PDEngine:
             elif new_blocks is not None:
                 req.block_ids.extend(new_blocks[0])
             req.num_computed = cached.num_computed_tokens[i]
+            # Tokens the scheduler discarded (a failed KV load) are dropped, as
+            # vLLM's model runner does.
+            del req.token_ids[req.num_prompt + cached.num_output_tokens[i] :]
 
     def _slots(self, req: WorkerRequest, start: int, end: int):
         blocks = torch.tensor(
@@ -370,7 +380,6 @@ class PDEngine:
             kv = torch.cat([self.kv_caches[n][blocks, offsets] for n in LAYERS])
             token = 3 + int(kv.sum().item() * 7 + end) % (VOCAB - 3)
             req.token_ids.append(token)
-            self.completions[req_id].outputs.setdefault(req_id, []).append(token)
             sampled.append([token])
         return ModelRunnerOutput(
             req_ids=req_ids,

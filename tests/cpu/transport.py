@@ -37,7 +37,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -210,8 +210,9 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
                 )
                 self._send_thread.start()
         self.recv_store: dict[str, Any] = {}
-        # Test hook: this many next PUTs fail on the receiver (out of memory).
-        self.failing_puts = 0
+        # Test hook: PUTs of the keys it is true for fail on the receiver (as
+        # when it runs out of memory).
+        self.fail_put: Callable[[str], bool] = lambda tensor_id: False
         self.recv_refs: dict[str, int] = {}  # the patched engine's bookkeeping
         self.recv_dropped: dict[str, int] = {}
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
@@ -264,9 +265,8 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
 
     # ---- the wire, receiver side of PUT (listen_for_requests, cmd PUT)
     def _on_put(self, tensor_id: str, tensor: torch.Tensor) -> None:
-        if self.failing_puts > 0:
+        if self.fail_put(tensor_id):
             # The listener ran out of memory: it stores None for the key.
-            self.failing_puts -= 1
             tensor = None
         else:
             tensor = tensor.clone()

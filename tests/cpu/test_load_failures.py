@@ -1,0 +1,205 @@
+"""KV that does not arrive: decode must neither wait forever nor compute on it.
+
+Every way a consumer can miss a request's KV, with both of vLLM's
+``kv_load_failure_policy`` values:
+
+- GET: the producer's send store evicted it (``kv_buffer_size`` reached), or
+  skipped it (one tensor larger than the store), or the producer is gone;
+- PUT/PUT_ASYNC: the producer died before it sent (decode waits, upstream
+  #28108), or the receiver ran out of memory and stored ``None``;
+- KV that comes after its request gave up waiting.
+
+``recompute``: decode computes the missing KV itself and answers like a plain
+engine. ``fail``: the request ends with ``FinishReason.ERROR`` and no token
+computed on missing KV. Either way the engine stays healthy (the next request
+transfers and is correct) and no received KV stays behind.
+"""
+
+import pytest
+from vllm.v1.engine import FinishReason
+
+from .pd import (
+    DECODE_KV_PORT,
+    LAYERS,
+    PREFILL_KV_PORT,
+    PDEngine,
+    proxy_request_id,
+    reference_tokens,
+    set_randomization,
+)
+from .test_reliability import assert_loaded
+from .test_two_engine import DECODE_MAX_TOKENS, HANG_TIMEOUT_S, make_prompt
+
+pytestmark = [
+    pytest.mark.timeout(HANG_TIMEOUT_S),
+    pytest.mark.parametrize("policy", ["recompute", "fail"]),
+    pytest.mark.parametrize("randomization", ["on", "off"]),
+]
+
+# Short, so that the cases that wait for KV that never comes stay fast.
+RECV_TIMEOUT_S = 0.3
+# Per layer, a prompt of PROMPT_LEN tokens is 3 blocks of 16 x 4 float32.
+PROMPT_LEN = 37
+TENSOR_BYTES = 3 * 16 * 4 * 4
+
+
+def make_engine(model_dir, kv_role, send_type, policy, **kv_options):
+    port = PREFILL_KV_PORT if kv_role == "kv_producer" else DECODE_KV_PORT
+    return PDEngine(
+        model_dir,
+        kv_role,
+        port,
+        send_type,
+        kv_load_failure_policy=policy,
+        recv_timeout_s=RECV_TIMEOUT_S,
+        **kv_options,
+    )
+
+
+def prefill_all(prefill, prompts):
+    for external_id, prompt in prompts.items():
+        prefill.add_request(external_id, prompt, max_tokens=1)
+    prefill.run_until_idle()
+
+
+def decode_all(decode, prompts):
+    completions = {
+        external_id: decode.add_request(external_id, prompt, DECODE_MAX_TOKENS)
+        for external_id, prompt in prompts.items()
+    }
+    decode.run_until_idle()
+    return completions
+
+
+def new_prompts(count, first_index=0):
+    return {
+        f"cmpl-{proxy_request_id()}-0": make_prompt(first_index + i, PROMPT_LEN)
+        for i in range(count)
+    }
+
+
+def assert_outcome(decode, completion, prompt, policy, kv_missing):
+    """What the client gets for one request."""
+    (req_id,) = completion.request_ids
+    outputs = completion.outputs.get(req_id, [])
+    if kv_missing and policy == "fail":
+        assert decode.finish_reasons.get(req_id) == FinishReason.ERROR, (
+            f"{req_id}: KV did not arrive, but the request did not fail"
+        )
+        assert outputs == [], f"{req_id}: tokens computed on KV it never received"
+        return
+    assert outputs == reference_tokens(prompt, DECODE_MAX_TOKENS), (
+        f"{req_id}: decode text differs from a plain engine's (wrong text)"
+    )
+    assert decode.finish_reasons.get(req_id) == FinishReason.LENGTH
+
+
+def assert_healthy(prefill, decode):
+    """No received KV left behind, and the pair serves the next request."""
+    assert decode.transport.held_tensor_ids() == set(), "received KV leaked"
+    prompts = new_prompts(1, first_index=50)
+    prefill_all(prefill, prompts)
+    ((external_id, prompt),) = prompts.items()
+    completion = decode_all(decode, prompts)[external_id]
+    assert_loaded(decode, completion.request_ids[0], prompt)
+    assert_outcome(decode, completion, prompt, "recompute", kv_missing=False)
+    assert decode.transport.held_tensor_ids() == set(), "received KV leaked"
+
+
+def assert_decoded(decode, prompts, completions, policy, missing):
+    for external_id, prompt in prompts.items():
+        assert_outcome(
+            decode, completions[external_id], prompt, policy, external_id in missing
+        )
+
+
+@pytest.mark.parametrize("send_type", ["GET"])
+@pytest.mark.parametrize("cause", ["evicted", "larger-than-store"])
+def test_get_kv_not_in_send_store(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy, cause
+):
+    """The producer's GET store no longer (or never) has the KV."""
+    set_randomization(monkeypatch, randomization)
+    # Room for four of the six tensors; "larger-than-store": not for one.
+    buffer_size = 4 * TENSOR_BYTES if cause == "evicted" else TENSOR_BYTES - 1
+    prefill = make_engine(
+        tiny_model_dir, "kv_producer", send_type, policy, kv_buffer_size=buffer_size
+    )
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prompts = new_prompts(3)
+    prefill_all(prefill, prompts)
+    # Sent layer by layer: layer 0 of the first two requests was evicted.
+    # Too large: nothing was stored.
+    stored = len(prefill.transport.send_store)
+    assert stored == (4 if cause == "evicted" else 0)
+    missing = list(prompts)[:2] if cause == "evicted" else list(prompts)
+    prefill.transport.buffer_size_threshold = 1e9
+
+    completions = decode_all(decode, prompts)
+    assert_decoded(decode, prompts, completions, policy, missing)
+    assert_healthy(prefill, decode)
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
+def test_prefill_engine_dies(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy
+):
+    """The prefill engine dies: PUT before it sent, GET before decode asks."""
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prompts = new_prompts(2)
+    if send_type == "GET":
+        prefill_all(prefill, prompts)
+    prefill.transport.close()
+
+    completions = decode_all(decode, prompts)
+    assert_decoded(decode, prompts, completions, policy, missing=set(prompts))
+
+    # A new prefill engine on the same address: the pair serves again.
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    assert_healthy(prefill, decode)
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+@pytest.mark.parametrize("failed_layers", [1, 2], ids=["one-layer", "all-layers"])
+def test_receiver_out_of_memory(
+    network,
+    tiny_model_dir,
+    monkeypatch,
+    randomization,
+    send_type,
+    policy,
+    failed_layers,
+):
+    """The receiver could not allocate a tensor and stored None for its key."""
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prompts = new_prompts(2)
+    first = next(iter(prompts))
+    failing = LAYERS[:failed_layers]
+    decode.transport.fail_put = lambda tensor_id: (
+        tensor_id.startswith(first) and tensor_id.endswith(failing)
+    )
+    prefill_all(prefill, prompts)
+
+    completions = decode_all(decode, prompts)
+    assert_decoded(decode, prompts, completions, policy, missing={first})
+    assert_healthy(prefill, decode)
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_kv_that_comes_after_its_request_gave_up(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy
+):
+    """Decode gave up waiting; the KV that prefill sends later is dropped."""
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prompts = new_prompts(2)
+
+    completions = decode_all(decode, prompts)
+    assert_decoded(decode, prompts, completions, policy, missing=set(prompts))
+    prefill_all(prefill, prompts)
+    assert_healthy(prefill, decode)
