@@ -37,7 +37,7 @@ pytestmark = [
 ]
 
 # Short, so that the cases that wait for KV that never comes stay fast.
-RECV_TIMEOUT_S = 0.3
+RECV_TIMEOUT_S = 0.1
 # Per layer, a prompt of PROMPT_LEN tokens is 3 blocks of 16 x 4 float32.
 PROMPT_LEN = 37
 TENSOR_BYTES = 3 * 16 * 4 * 4

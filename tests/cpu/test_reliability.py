@@ -1,11 +1,9 @@
-"""Requests the P2P protocol cannot serve must not kill an engine or mix KV.
+"""Requests the P2P protocol cannot serve must not kill an engine.
 
-- A request whose id carries no ``___prefill_addr_…___decode_addr_…`` (a
-  health probe, a user calling a server directly) is served as a plain
-  request: the producer sends nothing, the consumer computes the prompt.
-- A second request in flight with the transfer id of another (a client or
-  router that reuses X-Request-Id) gets no KV of the first: the producer does
-  not send it, the consumer computes it; the first request is unaffected.
+A request whose id carries no ``___prefill_addr_…___decode_addr_…`` (a health
+probe, a user calling a server directly) is served as a plain request: the
+producer sends nothing, the consumer computes the prompt. Requests that share
+an X-Request-Id are in test_same_id.py.
 """
 
 import pytest
@@ -81,35 +79,3 @@ def test_request_without_p2p_address_is_served_plainly(pair):
     decode.run_until_idle()
     assert_loaded(decode, again.request_ids[0], again_prompt)
     assert_reference_text(again, again_prompt)
-
-
-# With randomization off, vLLM itself refuses a second request with the id of
-# one in flight ("already running"); only with it on do both reach the engine.
-@pytest.mark.parametrize("randomization", ["on"])
-@pytest.mark.parametrize(
-    "same_prompt", [True, False], ids=["same-prompt", "other-prompt"]
-)
-def test_duplicate_transfer_id_in_flight_shares_no_kv(pair, same_prompt):
-    prefill, decode = pair
-    external_id = f"cmpl-{proxy_request_id()}-0"
-    first_prompt = make_prompt(4, 35)
-    second_prompt = first_prompt if same_prompt else make_prompt(5, 35)
-    second = {}
-    for engine, max_tokens in ((prefill, 1), (decode, DECODE_MAX_TOKENS)):
-        first = engine.add_request(external_id, first_prompt, max_tokens)
-        second[engine] = engine.add_request(external_id, second_prompt, max_tokens)
-        engine.run_until_idle()
-
-    # The first request transfers as usual.
-    assert_loaded(decode, first.request_ids[0], first_prompt)
-    assert_reference_text(first, first_prompt)
-    if same_prompt:
-        # The second is neither sent nor loaded: decode computes it (vLLM's
-        # own prefix cache may still reuse the first one's identical blocks).
-        for engine in (prefill, decode):
-            assert not set(second[engine].request_ids) & engine.connector_requests
-    else:
-        # Another prompt is another transfer: it gets its own KV.
-        assert_loaded(decode, second[decode].request_ids[0], second_prompt)
-    assert_reference_text(second[decode], second_prompt)
-    assert decode.transport.held_tensor_ids() == set(), "received KV leaked"
