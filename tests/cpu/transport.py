@@ -48,6 +48,19 @@ logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
 
+# The CUDA side of the wire. The engine orders its transfers against the
+# compute stream (send_stream.wait_stream, tensor.record_stream); CPU tensors
+# need no such ordering, so these do nothing.
+HOST_STREAM = torch.Stream("cpu")
+p2p_nccl_engine.current_stream = lambda: HOST_STREAM
+_CPU_STREAM_OPS = torch.library.Library("aten", "IMPL")
+_CPU_STREAM_OPS.impl("record_stream", lambda tensor, stream: None, "CPU")
+
+
+class _HostSendStream:
+    def wait_stream(self, stream: torch.Stream) -> None:
+        pass
+
 
 class KVTransferHang(RuntimeError):
     """A receiver waits for KV that nothing in the process can send anymore."""
@@ -199,6 +212,7 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self.recv_store_cv = HangDetectingCondition(self)
         self._awaited: dict[int, str] = {}  # thread ident -> key it waits for
         self.pool = None
+        self.send_stream = _HostSendStream()
         self.send_type = config.get_from_extra_config("send_type", "PUT_ASYNC")
         if self.send_type == "GET":
             self.send_store: dict[str, torch.Tensor] = {}
