@@ -57,6 +57,6 @@ def network(monkeypatch, world_group):
     from .transport import NETWORK, InProcessP2pEngine
 
     monkeypatch.setattr(p2p_nccl_connector, "P2pNcclEngine", InProcessP2pEngine)
-    NETWORK.engines.clear()
+    NETWORK.reset()
     yield NETWORK
-    NETWORK.engines.clear()
+    NETWORK.reset()
