@@ -6,9 +6,12 @@
                                     # bites and the patched tree passes everywhere
 
 Trees: "stock" is .venv-stock (the PyPI wheel, unmodified), "patched" is .venv
-(vllm_fork/ with patches/ applied, editable). Each case of the tier ends as
+(vllm_fork/ with patches/ applied, editable); they run at the same time, one
+pytest process each. Each case of the tier ends as
   pass   - decode got the prefill's KV, text equals a plain engine's, nothing leaked
-  hang   - decode waited for KV that never came (pytest-timeout)
+  hang   - decode waited for KV that never came: the transport's detector saw
+           that nothing could send it anymore (KVTransferHang), or, for what
+           the detector cannot see, pytest-timeout ended the test
   wrong  - decode computed on KV it never received (text differs)
   leak   - received KV still held after its request finished
   crash  - an exception inside vLLM (the engine core would die)
@@ -20,6 +23,7 @@ import argparse
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from collections import defaultdict
 from pathlib import Path
@@ -48,7 +52,7 @@ def classify(case: ET.Element) -> str:
     if problem is None:
         return "skip" if case.find("skipped") is not None else "pass"
     text = (problem.get("message") or "") + (problem.text or "")
-    if "Timeout" in text:
+    if "KVTransferHang" in text or "Timeout" in text:
         return "hang"
     if "wrong text" in text or "differs from a plain engine" in text:
         return "wrong"
@@ -57,42 +61,78 @@ def classify(case: ET.Element) -> str:
     return "crash"
 
 
+def hang_source(case: ET.Element) -> str | None:
+    """Who reported a hang: "detector" or "timeout"; None if no hang."""
+    problem = case.find("failure")
+    if problem is None:
+        problem = case.find("error")
+    if problem is None:
+        return None
+    text = (problem.get("message") or "") + (problem.text or "")
+    if "KVTransferHang" in text:
+        return "detector"
+    return "timeout" if "Timeout" in text else None
+
+
+class TreeRun:
+    """The tier on one tree, in a pytest process of its own."""
+
+    def __init__(self, tree: str, log_dir: Path, python: Path | None = None):
+        self.tree = tree
+        self.python = python or TREES[tree] / "bin" / "python"
+        if not self.python.exists():
+            sys.exit(f"{self.python} missing: run bash ci/setup.sh first")
+        self.junit = log_dir / f"cpu-tier-{tree}.xml"
+        self.log_path = log_dir / f"cpu-tier-{tree}.log"
+        self.junit.unlink(missing_ok=True)
+        cmd = [
+            str(self.python),
+            "-m",
+            "pytest",
+            *TIER,
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--no-header",
+            "-rN",
+            f"--junitxml={self.junit}",
+        ]
+        print(f"== CPU two-engine tier on {tree} vLLM ({self.python})", flush=True)
+        self.start = time.monotonic()
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        self.end: float | None = None
+        self.hangs: dict[str, int] = defaultdict(int)
+
+    def done(self) -> bool:
+        if self.end is None and self.proc.poll() is not None:
+            self.end = time.monotonic()
+        return self.end is not None
+
+    def results(self) -> dict[str, str]:
+        self.proc.wait()
+        self.done()
+        if not self.junit.exists():
+            sys.exit(f"{self.tree}: the tier wrote no report; see {self.log_path}")
+        results = {}
+        for case in ET.parse(self.junit).getroot().iter("testcase"):
+            results[case.get("name")] = classify(case)
+            if source := hang_source(case):
+                self.hangs[source] += 1
+        if not results:
+            sys.exit(f"{self.tree}: the tier ran no test; see {self.log_path}")
+        return results
+
+
 def run_tree(tree: str, log_dir: Path, python: Path | None = None) -> dict[str, str]:
-    """The tier's outcome per case on TREE (or on PYTHON, named TREE)."""
-    python = python or TREES[tree] / "bin" / "python"
-    if not python.exists():
-        sys.exit(f"{python} missing: run bash ci/setup.sh first")
-    junit = log_dir / f"cpu-tier-{tree}.xml"
-    print(
-        f"== CPU two-engine tier on {tree} vLLM ({python.parent.parent.name})",
-        flush=True,
-    )
-    cmd = [
-        str(python),
-        "-m",
-        "pytest",
-        *TIER,
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "--no-header",
-        "-rN",
-        f"--junitxml={junit}",
-    ]
-    with open(log_dir / f"cpu-tier-{tree}.log", "w") as log:
-        subprocess.run(
-            cmd,
-            cwd=ROOT,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    results = {}
-    for case in ET.parse(junit).getroot().iter("testcase"):
-        results[case.get("name")] = classify(case)
-    if not results:
-        sys.exit(f"{tree}: the tier ran no test; see {log_dir}/cpu-tier-{tree}.log")
-    return results
+    """The tier on one tree (python: another venv's interpreter for it)."""
+    return TreeRun(tree, log_dir, python).results()
 
 
 def expected(tree: str, name: str) -> str:
@@ -161,8 +201,23 @@ def main() -> int:
     args = p.parse_args()
     log_dir = Path(args.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    results = {tree: run_tree(tree, log_dir) for tree in args.trees}
+    start = time.monotonic()
+    # The trees are independent (own venv, own process, in-process transport):
+    # run them side by side.
+    runs = [TreeRun(tree, log_dir) for tree in args.trees]
+    while not all([run.done() for run in runs]):
+        time.sleep(0.1)
+    results = {run.tree: run.results() for run in runs}
+    wall_s = time.monotonic() - start
     print_matrix(results)
+    for run in runs:
+        hangs = ", ".join(f"{n} by {src}" for src, n in sorted(run.hangs.items()))
+        print(
+            f"{run.tree}: {len(results[run.tree])} cases in"
+            f" {run.end - run.start:.1f} s"
+            + (f"; hangs reported: {hangs}" if hangs else "")
+        )
+    print(f"matrix wall time: {wall_s:.1f} s")
     if not args.check:
         return 0
     bad = [
