@@ -32,6 +32,8 @@ logger = logging.getLogger("pd_proxy")
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+# On an error answer of the proxy's own or of prefill: the stage that failed.
+STAGE_HEADER = "X-PD-Stage"
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,7 @@ def build_app(
         decode: Instance,
         headers: dict[str, str],
         started: list[web.StreamResponse],
+        stage: list[str],
     ) -> web.StreamResponse:
         session = request.app[SESSION]
         url = f"http://{prefill.http}{request.path}"
@@ -102,8 +105,12 @@ def build_app(
                     headers["X-Request-Id"],
                 )
                 return web.Response(
-                    status=resp.status, body=payload, content_type=resp.content_type
+                    status=resp.status,
+                    body=payload,
+                    content_type=resp.content_type,
+                    headers={STAGE_HEADER: "prefill"},
                 )
+        stage[0] = "decode"
         url = f"http://{decode.http}{request.path}"
         async with session.post(url, json=body, headers=headers) as resp:
             content_type = resp.headers.get("Content-Type", "application/json")
@@ -133,9 +140,11 @@ def build_app(
         if auth := request.headers.get("Authorization"):
             headers["Authorization"] = auth
         started: list[web.StreamResponse] = []  # decode's answer, once under way
+        stage = ["prefill"]  # the stage in progress, for error answers
         try:
             return await asyncio.wait_for(
-                forward(request, body, prefill, decode, headers, started), timeout
+                forward(request, body, prefill, decode, headers, started, stage),
+                timeout,
             )
         except asyncio.TimeoutError:
             logger.warning("timed out after %s s: %s", timeout, request_id)
@@ -144,7 +153,11 @@ def build_app(
             return _error(504, f"no answer within {timeout} s ({request_id})")
         except aiohttp.ClientError as exc:
             logger.warning("upstream error for %s: %r", request_id, exc)
-            return started[0] if started else _error(502, f"upstream error: {exc!r}")
+            if started:
+                return started[0]
+            response = _error(502, f"upstream error ({stage[0]}): {exc!r}")
+            response.headers[STAGE_HEADER] = stage[0]
+            return response
 
     app = web.Application()
     app.cleanup_ctx.append(client_session)

@@ -77,6 +77,10 @@ class EngineSpec:
     kv_port: int | None = None
     send_type: str | None = None
     extra_args: list[str] = field(default_factory=list)  # after ENGINE_ARGS
+    # Merged into kv_transfer_config (e.g. kv_buffer_size,
+    # kv_load_failure_policy) and into its kv_connector_extra_config.
+    kv_overrides: dict = field(default_factory=dict)
+    kv_extra: dict = field(default_factory=dict)
 
     @property
     def kv_address(self) -> str:
@@ -95,11 +99,13 @@ class EngineSpec:
             "kv_role": self.kv_role,
             "kv_port": self.kv_port,
             "kv_buffer_size": 1e9,
+            **self.kv_overrides,
             "kv_connector_extra_config": {
                 "send_type": self.send_type,
                 "mem_pool_size_gb": "1",
                 "nccl_num_channels": "2",
                 "http_port": str(self.port),
+                **self.kv_extra,
             },
         }
 
