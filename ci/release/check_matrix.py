@@ -13,12 +13,22 @@ below), extract only the members the check needs into a temporary tree,
   envs       every ``envs.NAME`` the touched files use is defined in that
              release's vllm/envs.py (``vllm.envs.__getattr__`` raises
              AttributeError for unknown names, which compile and ruff miss)
-  fix alone  the same four checks on a fresh tree with only the fix: the
+  attrs      every attribute and ``from vllm... import`` name the touched
+             files use (and do not define themselves) that vLLM 0.23.0's
+             vllm/ sources define is defined in this release's vllm/ sources
+             too. Catches a port that uses what the release does not have
+             (``request.async_tokens_to_discard`` before 0.22.0), which fails
+             only at runtime with AttributeError. A heuristic: "defined" means
+             assigned (``x.name =``, ``name =``, ``name:``), ``def`` or
+             ``class`` somewhere under vllm/, not on the right class; names
+             from torch, zmq or the standard library are not checked.
+  fix alone  the same five checks on a fresh tree with only the fix: the
              series' first patch, plus the patches a ``# fix-alone:`` line of
-             the series file names (a backport's release adaptations)
+             the series file names (a backport's release adaptations, as they
+             apply right after the first patch)
 
-Prints ``version | series | apply | compile | ruff | envs | fix alone |
-result`` and exits 1 if any version failed.
+Prints ``version | series | apply | compile | ruff | envs | attrs | fix alone
+| result`` and exits 1 if any version failed.
 
 Run from the project root:  .venv/bin/python ci/release/check_matrix.py
   [--versions 0.22.1 0.23.0] [--patches DIR] [--jobs N] [--keep] [--full]
@@ -85,6 +95,18 @@ GIT_ENV = {
     "LC_ALL": "C",
 }
 ENVS_REF = re.compile(r"\benvs\.([A-Z][A-Z0-9_]*)\b")
+# What "defines" a name for the attrs check: x.name = / name = / name: ... =,
+# an annotated field (name: T), def name, class name.
+DEFINES = re.compile(
+    r"\.([A-Za-z_]\w*)\s*(?::[^=\n]*)?=(?!=)"
+    r"|^\s*([A-Za-z_]\w*)\s*(?::[^=\n]*)?=(?!=)"
+    r"|^\s*([A-Za-z_]\w*)\s*:\s*[^=\n]+$"
+    r"|\bdef\s+([A-Za-z_]\w*)"
+    r"|\bclass\s+([A-Za-z_]\w*)",
+    re.M,
+)
+MAIN_VERSION = "0.23.0"
+DEFINED_CACHE = CACHE / "defined"
 FIX_ALONE = re.compile(r"^#\s*fix-alone:(.*)$", re.M)
 
 
@@ -138,10 +160,10 @@ def load_series(name: str, patches_dir: Path = PATCHES) -> Series:
     if missing:
         raise FileNotFoundError(f"patches/{name} lists missing files: {missing}")
     extra = [path.parent / n for m in FIX_ALONE.findall(text) for n in m.split()]
-    if not set(extra) <= set(patches):
-        raise FileNotFoundError(f"patches/{name}: fix-alone names unlisted patches")
-    fix = [p for p in patches if p == patches[0] or p in extra] if patches else []
-    return Series(name, patches, fix)
+    missing = [str(p) for p in extra if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"patches/{name}: fix-alone names missing {missing}")
+    return Series(name, patches, [*patches[:1], *extra])
 
 
 def read_index(patches_dir: Path) -> dict[str, str]:
@@ -273,6 +295,121 @@ def prepare_tree(
 # ---------------------------------------------------------------- checks
 
 
+def defined_names(text: str) -> set[str]:
+    return {next(g for g in m.groups() if g) for m in DEFINES.finditer(text)}
+
+
+_defined_lock = threading.Lock()
+
+
+@functools.cache
+def release_defined(version: str, offline: bool) -> frozenset[str]:
+    """The names the release's vllm/**/*.py define (DEFINES), cached on disk."""
+    sdist, sha = fetch_sdist(version, offline)
+    cached = DEFINED_CACHE / f"vllm-{version}-{sha[:12]}.json"
+    with _defined_lock:
+        try:
+            return frozenset(json.loads(cached.read_text()))
+        except (OSError, ValueError):
+            pass
+    names: set[str] = set()
+    with tempfile.TemporaryDirectory() as tmp:
+        res = run(
+            [
+                "tar",
+                "-xzf",
+                sdist,
+                "--strip-components=1",
+                "-C",
+                tmp,
+                "--wildcards",
+                f"vllm-{version}/vllm/*.py",
+            ],
+            cwd=Path(tmp),
+        )
+        if res.returncode:
+            raise RuntimeError(f"tar -x of {sdist.name} failed:\n{res.stderr}")
+        for f in sorted(Path(tmp).rglob("*.py")):
+            names |= defined_names(f.read_text(encoding="utf-8", errors="replace"))
+    DEFINED_CACHE.mkdir(parents=True, exist_ok=True)
+    part = cached.with_name(f"{cached.name}.{os.getpid()}.{threading.get_ident()}")
+    part.write_text(json.dumps(sorted(names)))
+    part.replace(cached)
+    return frozenset(names)
+
+
+def used_names(text: str) -> set[str]:
+    """Attributes read (``x.a``, ``x.a += 1``), and names imported from vllm."""
+    used: set[str] = set()
+    for node in ast.walk(ast.parse(text)):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+            used.add(node.attr)
+        elif isinstance(node, ast.AugAssign) and isinstance(node.target, ast.Attribute):
+            used.add(node.target.attr)
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and not node.level
+            and (node.module or "").split(".")[0] == "vllm"
+        ):
+            used.update(a.name for a in node.names if a.name != "*")
+    return used
+
+
+@functools.cache
+def foreign_names() -> frozenset[str]:
+    """Attributes of builtin types and of the libraries the connector uses.
+
+    vLLM defines some of these names too (a ``def join``, a ``def discard``),
+    so that they differ between releases says nothing about ``s.join()``.
+    """
+    import importlib
+
+    objs: list = [str, bytes, list, dict, set, frozenset, tuple, int, float, object]
+    objs += [type, BaseException]
+    for mod, attrs in {
+        "collections": ["deque", "OrderedDict", "defaultdict"],
+        "threading": ["Thread", "Condition", "Lock", "Event"],
+        "socket": ["socket"],
+        "time": [],
+        "os": [],
+        "torch": ["Tensor", "cuda.Stream", "cuda.Event", "dtype", "device"],
+        "zmq": ["Socket", "Context", "Poller"],
+        "msgpack": [],
+    }.items():
+        try:  # only what this interpreter has
+            module = importlib.import_module(mod)
+        except ImportError:
+            continue
+        objs.append(module)
+        for a in attrs:
+            obj = module
+            for part in a.split("."):
+                obj = getattr(obj, part, None)
+            if obj is not None:
+                objs.append(obj)
+    return frozenset(n for o in objs for n in dir(o))
+
+
+def missing_names(tree: Path, py_files: list[str], version: str, opts) -> list[str]:
+    """Names the files use that vLLM 0.23.0 defines and this release does not."""
+    if version == MAIN_VERSION:
+        return []
+    main = release_defined(MAIN_VERSION, opts.offline) - foreign_names()
+    release = release_defined(version, opts.offline)
+    missing = []
+    for p in py_files:
+        text = (tree / p).read_text()
+        try:
+            used = used_names(text)
+        except SyntaxError:  # reported by compile
+            continue
+        # x.a += 1 reads x.a: it defines nothing.
+        own = defined_names(re.sub(r"\.\w+\s*[-+*/|&^%@]+=", "", text))
+        gone = (used - own) & main - release
+        missing += [f"{n} ({p})" for n in sorted(gone)]
+    return missing
+
+
 def ruff_cmd() -> list[str]:
     local = Path(sys.executable).parent / "ruff"
     if local.exists():
@@ -321,7 +458,7 @@ def check_tree(
 
     Returns ({apply, compile, ruff, envs: "ok" | "failed" | "-"}, details).
     """
-    steps = dict.fromkeys(("apply", "compile", "ruff", "envs"), "-")
+    steps = dict.fromkeys(("apply", "compile", "ruff", "envs", "attrs"), "-")
     details: list[str] = []
 
     def fail(step: str, text: str) -> None:
@@ -390,6 +527,16 @@ def check_tree(
             fail("envs", "not in this release's vllm/envs.py: " + ", ".join(missing))
         else:
             steps["envs"] = "ok"
+
+        missing = missing_names(tmp, py_files, version, opts)
+        if missing:
+            fail(
+                "attrs",
+                f"used, defined in vLLM {MAIN_VERSION}'s vllm/ but nowhere in this "
+                "release's: " + ", ".join(missing),
+            )
+        else:
+            steps["attrs"] = "ok"
         return steps, details
     finally:
         if opts.keep:
@@ -408,7 +555,8 @@ class Result:
     details: list[str] = field(default_factory=list)
 
     def row(self) -> list[str]:
-        s = [self.steps.get(k, "-") for k in ("apply", "compile", "ruff", "envs")]
+        keys = ("apply", "compile", "ruff", "envs", "attrs")
+        s = [self.steps.get(k, "-") for k in keys]
         return [self.version, self.series, *s, self.fix_alone, self.result]
 
 
@@ -433,7 +581,8 @@ def check_version(version: str, series_name: str | None, opts) -> Result:
 
 
 def print_table(results: list[Result]) -> None:
-    cols = ["version", "series", "apply", "compile", "ruff", "envs", "fix alone"]
+    cols = ["version", "series", "apply", "compile", "ruff", "envs", "attrs"]
+    cols.append("fix alone")
     cols.append("result")
     rows = [r.row() for r in results]
     widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(cols)]
