@@ -8,18 +8,33 @@ this script ports it, deterministically, in a scratch git repository:
      touches, and ``git am`` the series onto them, vllm/ paths only: the unit
      tests in tests/ use 0.23.0's test helpers, so backports carry no tests;
   2. per group of releases (GROUPS): a root commit with the files of the
-     group's first release, the series commits cherry-picked onto it
-     (3-way), then the group's hand-written release adaptations
-     (patches/backport/<extra>/extra/*.patch, ``git am -3``);
+     group's first release, then each main patch in order: left out if the
+     group says so (a reason goes into the series file), else taken from
+     patches/backport/<group>/port/<main patch name> if there is one (a
+     hand-made port of a patch whose cherry-pick conflicts, with the main
+     patch's message), else cherry-picked (3-way); then the group's
+     hand-written release adaptations (patches/backport/<extra>/extra/*.patch,
+     ``git am -3``; extra/fix-alone/<same name> is the text of an adaptation
+     that applies right after the first patch alone, where the text after
+     the whole series does not);
   3. ``git format-patch`` (the options of ci/fork.py) into
      patches/backport/<group>/ with a ``series`` file, and patches/index.json
-     (version -> series file, relative to patches/).
+     (version -> series file, relative to patches/). A patch keeps the number
+     of the main patch it ports (a gap is a patch left out); adaptations are
+     numbered after the main series. The adaptations are also exported as
+     they apply right after the first patch alone, into fix-alone/: the
+     series' ``# fix-alone:`` line names them (ci/release/check_matrix.py).
+
+A port names the main patch it was made from (``Main-Patch-Id:``, ``git
+patch-id --stable`` of its vllm/ part): when the main patch's code changes,
+the script stops until the port is redone. Message-only changes of the main
+series need nothing but a re-run.
 
 Commit messages, authors and dates are the original ones; git runs without
 personal config and with a fixed committer, so a re-run is byte-identical.
-A cherry-pick conflict stops the script: add or fix an extra patch, or split
-the group. ``--check`` regenerates into a temporary folder and exits 1 when
-patches/ differs (CI).
+A cherry-pick conflict stops the script: add a port or an extra patch, or
+split the group. ``--check`` regenerates into a temporary folder and exits 1
+when patches/ differs (CI).
 
 Run from the project root:  .venv/bin/python ci/release/backport.py [--check]
 """
@@ -29,10 +44,13 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from check_matrix import (  # also puts ci/ on sys.path
@@ -48,18 +66,50 @@ from check_matrix import (  # also puts ci/ on sys.path
 from fork import FORMAT_PATCH  # the same stable export as the main series
 
 MAIN_VERSION = "0.23.0"
-# Groups of releases that share one series text: (first, last, group folder
-# whose extra/ holds the adaptations to these releases or None). The series
-# is cherry-picked onto the first release's files; the folder is named
-# "<first>-<last>". 0.14.x and 0.16.0 need two texts: 0.14.x imports
-# typing.Optional, a context line of 0002's import hunk.
+
+# Main patches that a release cannot take, by number, with the reason (it
+# goes into the series file). 0003 sets Request.async_tokens_to_discard,
+# which vLLM has from 0.22.0 on (#40725 made discard_latest_async_tokens, a
+# bool, a counter); an older Request raises AttributeError there.
+NO_ASYNC_TOKENS_TO_DISCARD = (
+    "needs Request.async_tokens_to_discard (vLLM 0.22.0+); this release has only "
+    "the bool discard_latest_async_tokens (0.14-0.21), which cannot drop the "
+    "several in-flight outputs of a request whose KV load failed. Without it, "
+    "#45138 stays: with async scheduling and kv_load_failure_policy=recompute "
+    "such a request may never finish."
+)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Releases that share one series text.
+
+    The series is ported onto the first release's files; the folder is named
+    "<first>-<last>" (or "<first>"). ``extra``: the group folder whose extra/
+    holds the adaptations to these releases. ``leave_out``: main patch number
+    -> why this group does not take it.
+    """
+
+    first: str
+    last: str
+    extra: str | None = None
+    leave_out: dict[str, str] = field(default_factory=dict)
+
+
+# 0.14.x and 0.16.0 need two texts: 0.14.x imports typing.Optional, a context
+# line of 0002's import hunk, and their connectors differ. 0.19.0-0.21.0 and
+# 0.22.x differ in 0003 (see above).
 GROUPS = [
-    ("0.14.0", "0.14.1", "0.14.0-0.14.1"),
-    ("0.16.0", "0.16.0", "0.14.0-0.14.1"),
-    ("0.17.0", "0.18.1", None),
-    ("0.19.0", "0.22.1", None),
+    Group("0.14.0", "0.14.1", "0.14.0-0.14.1", {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
+    Group("0.16.0", "0.16.0", "0.14.0-0.14.1", {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
+    Group("0.17.0", "0.18.1", None, {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
+    Group("0.19.0", "0.21.0", None, {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
+    Group("0.22.0", "0.22.1"),
 ]
 BACKPORT = "backport"
+FIX_ALONE_DIR = "fix-alone"
+PORT_DIR = "port"
+PATCH_ID = re.compile(r"^Main-Patch-Id: ([0-9a-f]{40})$", re.M)
 AM = ["am", "-q", "--keep-non-patch", "--committer-date-is-author-date"]
 FIXED_DATE = "@946684800 +0000"
 SCRATCH_ENV = {
@@ -117,20 +167,79 @@ def commit_release(repo: Path, version: str, files: list[str]) -> None:
     git(repo, "commit", "-q", "--no-verify", "-m", f"vLLM {version}", env=env)
 
 
-def series_text(name: str, patches: list[str], extras: list[str]) -> str:
+def series_text(
+    name: str, patches: list[str], extras: list[str], left_out: list[str]
+) -> str:
     head = [
         f"# vLLM {name}: patches/series ported by ci/release/backport.py; do not",
         "# edit, change the main series or extra/ and re-run it. vllm/ code only:",
         f"# the unit tests in tests/ need vLLM {MAIN_VERSION}'s test helpers.",
     ]
+    for line in left_out:
+        head += textwrap.wrap(
+            line, 78, initial_indent="# Left out: ", subsequent_indent="#   "
+        )
     if extras:
-        head.append("# Release adaptations, part of the minimal fix (without 0002):")
-        head.append(f"# fix-alone: {' '.join(extras)}")
+        head.append("# Release adaptations: the last patches. The minimal fix is the")
+        head.append("# first patch and these, as they apply right after it:")
+        head.append(f"# fix-alone: {' '.join(f'{FIX_ALONE_DIR}/{e}' for e in extras)}")
     return "\n".join(head + patches) + "\n"
 
 
-def generate(out: Path) -> None:
-    """Write backport/<group>/{series,*.patch} and index.json under ``out``."""
+def patch_id(repo: Path, commit: str) -> str:
+    """``git patch-id --stable`` of the commit's vllm/ changes."""
+    diff = git(repo, "show", "--format=", "--full-index", commit, "--", "vllm/")
+    res = subprocess.run(
+        ["git", "patch-id", "--stable"],
+        cwd=repo,
+        env=SCRATCH_ENV,
+        input=diff,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
+    return res.stdout.split()[0]
+
+
+def port_patch(repo: Path, group: str, commit: str, main_name: str) -> bool:
+    """Apply the group's port of a main patch, with the main patch's message.
+
+    Returns False when the group has no port of it.
+    """
+    port = PATCHES / BACKPORT / group / PORT_DIR / main_name
+    if not port.is_file():
+        return False
+    m = PATCH_ID.search(port.read_text())
+    want = patch_id(repo, commit)
+    if not m or m.group(1) != want:
+        raise SystemExit(
+            f"[backport] {port.relative_to(ROOT)}: made from another version of "
+            f"{main_name} (Main-Patch-Id: {m.group(1) if m else 'missing'}, "
+            f"now {want}); redo the port"
+        )
+    git(repo, "apply", "--index", port)
+    git(repo, "commit", "-q", "--no-verify", "-C", commit)
+    return True
+
+
+def export(repo: Path, commits: list[tuple[str, int]], dest: Path) -> list[str]:
+    """format-patch each (commit, number) into dest; the file names."""
+    dest.mkdir(parents=True, exist_ok=True)
+    names = []
+    for commit, number in commits:
+        out = git(
+            repo, *FORMAT_PATCH, f"--start-number={number}", "-o", dest, "-1", commit
+        )
+        names.append(Path(out.strip()).name)
+    return names
+
+
+def generate(out: Path, scratch: Path | None = None) -> None:
+    """Write backport/<group>/{series,*.patch,fix-alone/} and index.json.
+
+    ``scratch``: an empty folder for the scratch repository, kept (to make a
+    port from a conflict); default a temporary one.
+    """
     main = load_series("series")
     paths, new = main.touched()
     files = [p for p in paths if p.startswith("vllm/") and p not in new]
@@ -138,33 +247,73 @@ def generate(out: Path) -> None:
     index = dict.fromkeys(VERSIONS, "series")
 
     with tempfile.TemporaryDirectory() as tmp:
-        repo = Path(tmp)
+        repo = scratch or Path(tmp)
         git(repo, "init", "-q", "--template=", "-b", "main")
         commit_release(repo, MAIN_VERSION, files)
         git(repo, "tag", "base")
         git(repo, *AM, "--include=vllm/*", *touches_vllm)
-        for first, last, extra_group in GROUPS:
-            name, versions = group_versions(first, last)
-            git(repo, "checkout", "-q", "--orphan", f"backport/{name}")
-            commit_release(repo, first, files)
-            git(repo, "tag", f"root/{name}")
-            git(repo, "cherry-pick", "base..main")
+        main_commits = git(repo, "rev-list", "--reverse", "base..main").split()
+        # (commit, main patch file name, its number in the main series)
+        numbered = [
+            (c, p.name, main.patches.index(p) + 1)
+            for c, p in zip(main_commits, touches_vllm, strict=True)
+        ]
+        for group in GROUPS:
+            name, versions = group_versions(group.first, group.last)
+            unknown = set(group.leave_out) - {f"{n:04d}" for _, _, n in numbered}
+            if unknown:
+                raise SystemExit(f"[backport] {name}: leave_out {sorted(unknown)}?")
             extras = []
-            if extra_group:
+            if group.extra:
                 extras = sorted(
-                    (PATCHES / BACKPORT / extra_group / "extra").glob("*.patch")
+                    (PATCHES / BACKPORT / group.extra / "extra").glob("*.patch")
                 )
                 if not extras:
                     raise SystemExit(
-                        f"[backport] {name}: no extra/*.patch in {extra_group}"
+                        f"[backport] {name}: no extra/*.patch in {group.extra}"
                     )
+            git(repo, "checkout", "-q", "--orphan", f"backport/{name}")
+            commit_release(repo, group.first, files)
+            git(repo, "tag", f"root/{name}")
+            commits, left_out = [], []
+            for commit, main_name, number in numbered:
+                if f"{number:04d}" in group.leave_out:
+                    left_out.append(f"{main_name}: {group.leave_out[f'{number:04d}']}")
+                    continue
+                if not port_patch(repo, name, commit, main_name):
+                    git(repo, "cherry-pick", commit)
+                commits.append((git(repo, "rev-parse", "HEAD").strip(), number))
+            first_number = len(main.patches) + 1
+            if extras:
                 git(repo, *AM, "-3", "--include=vllm/*", *extras)
+                extra_commits = git(
+                    repo, "rev-list", "--reverse", f"{commits[-1][0]}..HEAD"
+                ).split()
+                commits += [(c, first_number + i) for i, c in enumerate(extra_commits)]
             dest = out / BACKPORT / name
-            dest.mkdir(parents=True)
-            exported = git(repo, *FORMAT_PATCH, "-o", dest, f"root/{name}..HEAD")
-            names = [Path(line).name for line in exported.splitlines()]
+            names = export(repo, commits, dest)
+            extra_names = names[len(names) - len(extras) :] if extras else []
+            if extras:
+                # The minimal fix: the first patch, then the adaptations.
+                git(repo, "checkout", "-q", "-b", f"fix-alone/{name}", commits[0][0])
+                alone_extras = [
+                    e.parent / FIX_ALONE_DIR / e.name
+                    if (e.parent / FIX_ALONE_DIR / e.name).is_file()
+                    else e
+                    for e in extras
+                ]
+                git(repo, *AM, "-3", "--include=vllm/*", *alone_extras)
+                alone = git(
+                    repo, "rev-list", "--reverse", f"{commits[0][0]}..HEAD"
+                ).split()
+                alone_names = export(
+                    repo,
+                    [(c, first_number + i) for i, c in enumerate(alone)],
+                    dest / FIX_ALONE_DIR,
+                )
+                assert alone_names == extra_names, (alone_names, extra_names)
             series = dest / "series"
-            series.write_text(series_text(name, names, names[len(touches_vllm) :]))
+            series.write_text(series_text(name, names, extra_names, left_out))
             for v in versions:
                 index[v] = series.relative_to(out).as_posix()
     index = {v: index[v] for v in sorted(index, key=vkey)}
@@ -176,7 +325,12 @@ def generated(patches: Path) -> dict[str, bytes]:
     out = {}
     if (patches / "index.json").is_file():
         out["index.json"] = (patches / "index.json").read_bytes()
-    for f in sorted((patches / BACKPORT).glob("*/*")):
+    for f in sorted(
+        [
+            *(patches / BACKPORT).glob("*/*"),
+            *(patches / BACKPORT).glob(f"*/{FIX_ALONE_DIR}/*"),
+        ]
+    ):
         if f.is_file() and (f.name == "series" or f.suffix == ".patch"):
             out[f.relative_to(patches).as_posix()] = f.read_bytes()
     return out
@@ -187,9 +341,19 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--check", action="store_true", help="fail if patches/ differs")
+    p.add_argument(
+        "--scratch",
+        type=Path,
+        metavar="DIR",
+        help="an empty folder for the scratch repository, kept afterwards",
+    )
     args = p.parse_args()
+    if args.scratch:
+        args.scratch.mkdir(parents=True, exist_ok=True)
+        if any(args.scratch.iterdir()):
+            p.error(f"--scratch {args.scratch} is not empty")
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
+        generate(Path(tmp), args.scratch and args.scratch.resolve())
         want, have = generated(Path(tmp)), generated(PATCHES)
         if args.check:
             diff = [
@@ -214,7 +378,10 @@ def main() -> int:
         for f, data in want.items():
             (PATCHES / f).parent.mkdir(parents=True, exist_ok=True)
             (PATCHES / f).write_bytes(data)
-        for d in (PATCHES / BACKPORT).iterdir():
+        for d in [
+            *(PATCHES / BACKPORT).glob(f"*/{FIX_ALONE_DIR}"),
+            *(PATCHES / BACKPORT).iterdir(),
+        ]:
             if d.is_dir() and not any(d.iterdir()):
                 d.rmdir()
     print(f"[backport] wrote {len(want)} files under {PATCHES.relative_to(ROOT)}/")
