@@ -609,12 +609,20 @@ def cell_notes(scenario: str, parts: dict) -> str:
     w = parts.get("workload")
     if scenario == "kill" and w:
         k = w["counts"]
+        fresh = parts.get("fresh")
         notes.append(
-            f"kill at {parts.get('kill_at_s')} s, {parts.get('sent_before_kill')} sent "
-            f"before; prefill-stage errors {k['prefill_error']}, decode errors "
-            f"{k['error']}; slowest {w['max_seconds']:.1f} s; decode health "
+            f"workload: {k['correct'] + k['tie']}/{w['n']} correct, prefill-stage "
+            f"errors {k['prefill_error']}, decode errors {k['error']}, slowest "
+            f"{w['max_seconds']:.1f} s; kill at {parts.get('kill_at_s')} s, "
+            f"{parts.get('sent_before_kill')} sent before; decode health "
             f"{parts.get('decode_healthy_after_kill')}; restart "
-            f"{parts.get('prefill_restarted')}"
+            f"{parts.get('prefill_restarted')}; fresh after restart: "
+            + (
+                f"{fresh['counts']['correct'] + fresh['counts']['tie']}/{fresh['n']} "
+                "correct"
+                if fresh
+                else "not run"
+            )
         )
     if scenario == "overflow" and w:
         notes.append(

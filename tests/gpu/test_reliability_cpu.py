@@ -450,3 +450,68 @@ def test_scenario_that_raises_is_recorded_as_fail():
     assert rel.render({"pairs": {h.key: sink}}).count(
         "| overflow | GET-small | fail | FAIL"
     )
+
+
+# ---- main() end to end, with fake engine processes instead of vLLM
+
+
+def serve_forever(port: int) -> None:
+    """A fake engine process (what main() starts instead of vLLM)."""
+
+    async def go():
+        await serve(engine(), port)
+        await asyncio.Event().wait()
+
+    asyncio.run(go())
+
+
+def test_main_with_fake_engine_processes(tmp_path, monkeypatch):
+    """Real processes, process groups, SIGKILL, restart on the same ports."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(
+        json.dumps(
+            {"num_hidden_layers": 2, "num_attention_heads": 2, "head_dim": 64}
+            | {"hidden_size": 128, "num_key_value_heads": 2}
+        )
+    )
+    started = []
+
+    def fake_start_engine(spec, model_dir, log_dir, *, site=None, dtype="float16"):
+        started.append(spec.name)
+        cmd = [sys.executable, __file__, str(spec.port)]
+        env = {"PYTHONPATH": str(ROOT / "tests" / "gpu")}
+        return servers.start(spec.name, cmd, env, log_dir, servers.url(spec))
+
+    monkeypatch.setattr(servers, "start_engine", fake_start_engine)
+    monkeypatch.setattr(rel.tiny_model, "build", lambda out: model)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    out = tmp_path / "out" / "rel"
+    argv = [
+        "--site", str(tmp_path), "--out", str(out), "--send-types", "PUT",
+        "--recv-timeout", "0.5", "--margin", "3", "--kill-after", "0.3",
+        "--spread", "0.6", "--kill-requests", "12", "--overflow-requests", "8",
+        "--log-dir", str(tmp_path / "logs"), "--budget", "120",
+        "--logs-tar", str(tmp_path / "out" / "logs.tar.gz"),
+    ]  # fmt: skip
+    try:
+        assert rel.main(argv) == 0
+    finally:
+        servers._STOPPING.clear()  # main() ends with stop_all()
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert list(data["pairs"]) == [
+        "PUT:recompute", "PUT:fail", "GET-small:recompute", "GET-small:fail"
+    ]  # fmt: skip
+    for key, per in data["pairs"].items():
+        for scenario, parts in per.items():
+            assert parts["verdict"] == "pass", (key, scenario, parts["reasons"])
+    # each PUT prefill was started twice (the restart), on the same port
+    assert sorted(started).count("PUT-recompute-prefill0") == 2
+    assert data["noise"]["counts"]["correct"] == data["noise"]["n"]
+    assert data["settings"]["small_kv_buffer_size"] == rel.small_buffer_bytes(2048)
+    assert "| kill | PUT | recompute | pass |" in out.with_suffix(".md").read_text()
+    assert (tmp_path / "out" / "logs.tar.gz").stat().st_size > 0
+
+
+if __name__ == "__main__":
+    serve_forever(int(sys.argv[1]))
