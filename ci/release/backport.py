@@ -67,19 +67,6 @@ from fork import FORMAT_PATCH  # the same stable export as the main series
 
 MAIN_VERSION = "0.23.0"
 
-# Main patches that a release cannot take, by number, with the reason (it
-# goes into the series file). 0003 sets Request.async_tokens_to_discard,
-# which vLLM has from 0.22.0 on (#40725 made discard_latest_async_tokens, a
-# bool, a counter); an older Request raises AttributeError there.
-NO_ASYNC_TOKENS_TO_DISCARD = (
-    "needs Request.async_tokens_to_discard (vLLM 0.22.0+); this release has only "
-    "the bool discard_latest_async_tokens (0.14-0.21), which cannot drop the "
-    "several in-flight outputs of a request whose KV load failed. Without it, "
-    "#45138 stays: with async scheduling and kv_load_failure_policy=recompute "
-    "such a request may never finish."
-)
-
-
 @dataclass(frozen=True)
 class Group:
     """Releases that share one series text.
@@ -97,13 +84,14 @@ class Group:
 
 
 # 0.14.x and 0.16.0 need two texts: 0.14.x imports typing.Optional, a context
-# line of 0002's import hunk, and their connectors differ. 0.19.0-0.21.0 and
-# 0.22.x differ in 0003 (see above).
+# line of 0002's import hunk, and their connectors differ. Before 0.22.0, 0003
+# is a port (port/): Request has the bool discard_latest_async_tokens, not the
+# counter async_tokens_to_discard.
 GROUPS = [
-    Group("0.14.0", "0.14.1", "0.14.0-0.14.1", {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
-    Group("0.16.0", "0.16.0", "0.14.0-0.14.1", {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
-    Group("0.17.0", "0.18.1", None, {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
-    Group("0.19.0", "0.21.0", None, {"0003": NO_ASYNC_TOKENS_TO_DISCARD}),
+    Group("0.14.0", "0.14.1", "0.14.0-0.14.1"),
+    Group("0.16.0", "0.16.0", "0.14.0-0.14.1"),
+    Group("0.17.0", "0.18.1"),
+    Group("0.19.0", "0.21.0"),
     Group("0.22.0", "0.22.1"),
 ]
 BACKPORT = "backport"
