@@ -858,6 +858,12 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
             except asyncio.TimeoutError:
                 data["cut_short"] = f"budget of {args.budget:.0f} s spent"
                 logger.error("budget spent: results so far only")
+                for h in handles:
+                    for scenario in h.scenarios:
+                        data["pairs"][h.key].setdefault(
+                            scenario,
+                            {"verdict": "not finished (budget)", "reasons": []},
+                        )
     except Exception:
         logger.exception("reliability run broke")
         rc = 1
