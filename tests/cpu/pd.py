@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import uuid
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 from vllm import SamplingParams
@@ -38,7 +37,6 @@ from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
-from vllm.v1.engine import EngineCoreRequest
 from vllm.v1.engine.input_processor import InputProcessor
 from vllm.v1.engine.parallel_sampling import ParentRequest
 from vllm.v1.kv_cache_interface import (
@@ -50,6 +48,7 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from . import compat
 from .transport import HOST
 
 BLOCK_SIZE = 16
@@ -190,7 +189,7 @@ class PDEngine:
             }
             ctx = self.vllm_config.compilation_config.static_forward_context
             for name in LAYERS:
-                ctx[name] = SimpleNamespace(kv_cache=self.kv_caches[name])
+                ctx[name] = compat.attention_layer(self.kv_caches[name])
             self.connector = KVConnectorFactory.create_connector(
                 self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config
             )
@@ -217,7 +216,7 @@ class PDEngine:
         params = SamplingParams(
             max_tokens=max_tokens, n=n, temperature=0.0 if n == 1 else 1.0, seed=0
         )
-        request = EngineCoreRequest(
+        request = compat.engine_core_request(
             request_id=external_id,
             prompt_token_ids=list(prompt),
             mm_features=None,
@@ -363,7 +362,7 @@ class PDEngine:
                         for p in range(start, start + num)
                     ]
                 )
-            self.connector.save_kv_layer(name, cache, attn_metadata)
+            self.connector.save_kv_layer(name, compat.kv_layer(cache), attn_metadata)
 
     def _sample(self, out: SchedulerOutput, kv_output: KVConnectorOutput):
         """Next token: a function of the KV cache the request attends to."""
