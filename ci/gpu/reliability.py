@@ -73,6 +73,8 @@ POLICIES = ("recompute", "fail")
 # Llama, has an open recompute bug upstream, #49250): for PUT_ASYNC and the
 # overflow pair only, to tell the two apart.
 V1_RECOMPUTE = "recompute-v1"
+# recompute without async scheduling (the V2 runner, synchronous scheduler).
+SYNC_RECOMPUTE = "recompute-sync"
 V1_RECOMPUTE_SEND_TYPES = ("PUT_ASYNC",)
 SCENARIOS = ("retry", "kill", "overflow")
 MULTICAST_OFF = {
@@ -129,7 +131,7 @@ def plan_pairs(
 ) -> list[Pair]:
     """Regular pairs (retry, kill) and, if small_buffer, GET-small pairs."""
     plans = [(s, p, ("retry", "kill")) for s in send_types for p in policies]
-    extra = (V1_RECOMPUTE,) if v1_recompute else ()
+    extra = (V1_RECOMPUTE, SYNC_RECOMPUTE) if v1_recompute else ()
     plans += [(s, p, ("kill",)) for s in V1_RECOMPUTE_SEND_TYPES for p in extra]
     if small_buffer:
         plans += [("GET", p, ("overflow",)) for p in (*policies, *extra)]
@@ -145,6 +147,8 @@ def plan_pairs(
             spec.kv_overrides = {"kv_load_failure_policy": policy.split("-")[0]}
             if policy == V1_RECOMPUTE:
                 spec.env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            if policy == SYNC_RECOMPUTE:
+                spec.extra_args = [*spec.extra_args, "--no-async-scheduling"]
             spec.kv_extra = {"recv_timeout_s": str(recv_timeout)}
         if scenarios == ("overflow",):
             prefill.kv_overrides["kv_buffer_size"] = small_buffer
@@ -783,7 +787,7 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
     sets = build_sets(args.kill_requests, 16, args.overflow_requests)
     pairs = plan_pairs(
         gpus,
-        send_types=tuple(args.send_types.split(",")),
+        send_types=tuple(s for s in args.send_types.split(",") if s),
         policies=tuple(args.policies.split(",")),
         recv_timeout=args.recv_timeout,
         small_buffer=small,
