@@ -56,6 +56,8 @@ def make_request_id(prefill_kv: str, decode_kv: str) -> str:
 def prefill_body(body: dict) -> dict:
     """The request as the prefill instance gets it: one token, not streamed."""
     body = dict(body, max_tokens=1, stream=False)
+    if "min_tokens" in body:  # vLLM refuses min_tokens > max_tokens
+        body["min_tokens"] = min(body["min_tokens"], 1)
     if "max_completion_tokens" in body:
         body["max_completion_tokens"] = 1
     body.pop("stream_options", None)  # only valid with stream=True
