@@ -81,7 +81,9 @@ step "the patch's own unit tests, in vLLM's tree (cpu_test); the project tests o
   "patched vLLM (GPU tier skips without a GPU): side by side"
 side_by_side \
   "cd vllm_fork && ../.venv/bin/python -m pytest -p no:cacheprovider -q -m cpu_test \
-    tests/v1/kv_connector/unit/test_p2p_nccl_connector.py" \
+    tests/v1/kv_connector/unit/test_p2p_nccl_connector.py \
+    tests/v1/kv_connector/unit/test_invalid_blocks_correctness.py -k 'p2p or async_scheduling'" \
   ".venv/bin/python -m pytest -p no:cacheprovider tests/cpu \
-    --ignore=tests/cpu/test_two_engine.py --ignore=tests/cpu/test_reliability.py" \
+    --ignore=tests/cpu/test_two_engine.py --ignore=tests/cpu/test_reliability.py \
+    --ignore=tests/cpu/test_load_failures.py" \
   ".venv/bin/python -m pytest -p no:cacheprovider tests --ignore=tests/cpu"

@@ -16,6 +16,13 @@ import apply_installed  # noqa: E402
 import fork  # noqa: E402
 
 CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/p2p/p2p_nccl_connector.py"
+# Every vllm/ file the series changes.
+TOUCHED = {
+    line.split()[2][2:]
+    for patch in fork.series_files()
+    for line in patch.read_text().splitlines()
+    if line.startswith("diff --git a/vllm/")
+}
 PROBE_FILE = "vllm/p2p_fix_probe.py"  # a file only the test series creates
 # The session fixture's install takes the first test's time.
 pytestmark = pytest.mark.timeout(300)
@@ -40,7 +47,7 @@ class Venv:
         self.python, self.site = python, site
         self.metadata = next(site.glob("vllm-*.dist-info")) / "METADATA"
         self.saved = {
-            rel: (site / rel).read_bytes() for rel in (CONNECTOR, self.metadata)
+            rel: (site / rel).read_bytes() for rel in (*TOUCHED, self.metadata)
         }
         self.stock = hashes(site)
 
@@ -118,7 +125,7 @@ def test_apply_changes_only_the_touched_files(venv):
     assert res.returncode == 0, res.stderr
     assert "applied the fix" in res.stdout
     assert "def get_transfer_id(" in (venv.site / CONNECTOR).read_text()
-    assert venv.changed() == {CONNECTOR}
+    assert venv.changed() == TOUCHED
     assert not list(pycache.glob("p2p_nccl_connector.*.pyc"))  # stale cache gone
     assert "is patched" in venv.tool("--check", "--revert").stdout
 
