@@ -230,11 +230,7 @@ async def _stream_one(session, url: str, prompt: list[int], timeout: float) -> S
                 if resp.status != 200:
                     sample.detail = f"HTTP {resp.status}: {(await resp.text())[:200]}"
                     return sample
-                async for raw in resp.content:
-                    line = raw.decode().strip()
-                    if not line.startswith("data:") or line == "data: [DONE]":
-                        continue
-                    chunk = json.loads(line[5:])
+                async for chunk in common.workload.sse_chunks(resp):
                     if chunk.get("usage"):
                         sample.output_tokens = chunk["usage"]["completion_tokens"]
                     if any(c.get("text") for c in chunk.get("choices", [])):
@@ -731,15 +727,7 @@ def gpu_memory_used() -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    doc = __doc__
-    parser = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=doc.split("\n\n", 1)[1],
-    )
-    parser.add_argument("--stock-site", required=True, type=Path)
-    parser.add_argument("--patched-site", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="output folder")
+    parser = common.cli(__doc__, out_help="output folder")
     parser.add_argument("--quick", action="store_true", help="smoke run")
     parser.add_argument("--pairs", type=int, help="round pairs at most (16)")
     parser.add_argument("--requests", type=int, help="requests per round (48)")

@@ -257,7 +257,7 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cli(doc: str) -> argparse.ArgumentParser:
+def cli(doc: str, out_help: str = "markdown file") -> argparse.ArgumentParser:
     """The arguments every GPU script takes: the two trees and the results file."""
     parser = argparse.ArgumentParser(
         description=doc.split("\n\n")[0],
@@ -266,7 +266,7 @@ def cli(doc: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--stock-site", required=True, type=Path)
     parser.add_argument("--patched-site", required=True, type=Path)
-    parser.add_argument("--out", required=True, type=Path, help="markdown file")
+    parser.add_argument("--out", required=True, type=Path, help=out_help)
     return parser
 
 

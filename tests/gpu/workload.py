@@ -152,6 +152,14 @@ async def _post(
         return parse(req.path, json.loads(text))
 
 
+async def sse_chunks(resp):
+    """The JSON chunks of an OpenAI server-sent-events response."""
+    async for raw in resp.content:
+        line = raw.decode().strip()
+        if line.startswith("data:") and line != "data: [DONE]":
+            yield json.loads(line[5:])
+
+
 async def _post_streaming(
     session: aiohttp.ClientSession, base_url: str, req: Request
 ) -> Outcome:
@@ -162,11 +170,7 @@ async def _post_streaming(
         if resp.status != 200:
             status = "timeout" if resp.status == 504 else "error"
             return Outcome(status, detail=f"HTTP {resp.status}")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
+        async for chunk in sse_chunks(resp):
             if chunk.get("usage"):
                 out.output_tokens = chunk["usage"]["completion_tokens"]
             for choice in chunk.get("choices", []):
