@@ -107,7 +107,9 @@ class FakePair:
         self.p_port, self.d_port = servers.free_ports(2)
         self.prefill_runner, prefill = await serve(engine(), self.p_port)
         self.decode_runner, decode = await serve(
-            engine(self._decode, self.seen, delay=0.1), self.d_port
+            # Longer than kill_after: a request at decode when prefill dies is
+            # answered after the kill, however loaded the machine is.
+            engine(self._decode, self.seen, delay=0.3), self.d_port
         )
         p = proxy.Instance(f"127.0.0.1:{self.p_port}", "127.0.0.1:21001")
         d = proxy.Instance(f"127.0.0.1:{self.d_port}", "127.0.0.1:22001")
