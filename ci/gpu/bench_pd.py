@@ -273,8 +273,46 @@ async def _closed_loop(url, prompts, concurrency, timeout):
         return samples, time.perf_counter() - start
 
 
-def run_round(url, prompts, concurrency, timeout) -> tuple[list[Sample], float]:
-    """Send ``prompts`` with ``concurrency`` in flight (closed loop)."""
+def arrival_offsets(pair: int, count: int, rate: float, seed: int = 0) -> list[float]:
+    """Send times (s after the round starts) of a Poisson process of ``rate``.
+
+    The same for both rounds of a pair, so both trees see one arrival
+    schedule; the first request goes at 0.
+    """
+    rng = random.Random((seed + 1) * 7_000_003 + pair)
+    offsets, t = [], 0.0
+    for _ in range(count):
+        offsets.append(t)
+        t += rng.expovariate(rate)
+    return offsets
+
+
+async def _open_loop(url, prompts, offsets, timeout):
+    import aiohttp
+
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(
+        connector=conn, timeout=aiohttp.ClientTimeout(total=None)
+    ) as session:
+        start = time.perf_counter()
+
+        async def send(prompt, offset):
+            await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
+            return await _stream_one(session, url, prompt, timeout)
+
+        samples = await asyncio.gather(
+            *(send(p, o) for p, o in zip(prompts, offsets, strict=True))
+        )
+        return list(samples), time.perf_counter() - start
+
+
+def run_round(
+    url, prompts, concurrency, timeout, offsets: list[float] | None = None
+) -> tuple[list[Sample], float]:
+    """Send ``prompts``: at ``offsets`` (open loop), else with ``concurrency``
+    in flight (closed loop)."""
+    if offsets is not None:
+        return asyncio.run(_open_loop(url, prompts, offsets, timeout))
     return asyncio.run(_closed_loop(url, prompts, concurrency, timeout))
 
 
@@ -733,6 +771,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, help="requests per round (48)")
     parser.add_argument("--concurrency", type=int, help="in flight per round (12)")
     parser.add_argument(
+        "--rate",
+        type=float,
+        help="open loop: Poisson arrivals of this many requests/s, one schedule "
+        "per pair (default: closed loop with --concurrency in flight)",
+    )
+    parser.add_argument(
         "--budget-s",
         type=float,
         default=450.0,
@@ -821,8 +865,14 @@ def main(argv=None) -> int:
             "randomization on"
         ),
         "workload": (
-            f"{args.requests} requests a round, {args.concurrency} in flight (closed "
-            f"loop), prompts of {'/'.join(map(str, lengths))} tokens (random ids, "
+            f"{args.requests} requests a round, "
+            + (
+                f"Poisson arrivals at {args.rate} requests/s (open loop, one "
+                "schedule per pair)"
+                if args.rate
+                else f"{args.concurrency} in flight (closed loop)"
+            )
+            + f", prompts of {'/'.join(map(str, lengths))} tokens (random ids, "
             f"each length alike often), {OUTPUT_TOKENS} output tokens (ignore_eos, "
             f"min_tokens), greedy, streamed through tests/gpu/proxy.py; rounds "
             "A B B A (A stock) with the same prompts within a pair"
@@ -933,8 +983,11 @@ def measure(args, data, urls, specs, lengths, t_start) -> None:
         t_pair = time.monotonic()
         for pair, tree in order[i : i + 2]:
             prompts = round_prompts(pair, args.requests, lengths)
+            offsets = (
+                arrival_offsets(pair, args.requests, args.rate) if args.rate else None
+            )
             samples, seconds = run_round(
-                urls[tree], prompts, args.concurrency, args.timeout
+                urls[tree], prompts, args.concurrency, args.timeout, offsets
             )
             summary = summarize_round(samples, seconds)
             data["rounds"].append({"pair": pair, "tree": tree, "summary": summary})

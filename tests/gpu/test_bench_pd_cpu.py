@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,63 @@ def test_built_model_folder(tmp_path):
     mtime = (out / "tokenizer.json").stat().st_mtime_ns
     bench_pd.build_model(out, num_layers=2)  # reused, not rebuilt
     assert (out / "tokenizer.json").stat().st_mtime_ns == mtime
+
+
+def test_arrival_offsets_one_poisson_schedule_per_pair():
+    first = bench_pd.arrival_offsets(0, 2000, rate=4.0)
+    assert first == bench_pd.arrival_offsets(0, 2000, rate=4.0)
+    assert first != bench_pd.arrival_offsets(1, 2000, rate=4.0)
+    assert first[0] == 0.0
+    assert all(b > a for a, b in zip(first, first[1:], strict=False))
+    # Mean gap 1/rate (sd of the mean of 1999 gaps: 0.25/sqrt(1999) = 0.006).
+    assert abs(first[-1] / 1999 - 0.25) < 0.03
+
+
+def test_open_loop_round_sends_at_the_offsets():
+    """Each request leaves at its offset, whether earlier ones are done or not."""
+    from aiohttp import web
+
+    started: list[float] = []
+    finished: list[float] = []
+
+    async def completions(request):
+        started.append(time.perf_counter())
+        resp = web.StreamResponse()
+        await resp.prepare(request)
+        for i in range(bench_pd.OUTPUT_TOKENS):
+            choice = {"text": f"w{i}", "index": 0}
+            await resp.write(f"data: {json.dumps({'choices': [choice]})}\n\n".encode())
+        usage = {"completion_tokens": bench_pd.OUTPUT_TOKENS}
+        await resp.write(
+            f"data: {json.dumps({'usage': usage, 'choices': []})}\n\n".encode()
+        )
+        await asyncio.sleep(0.5)  # a slow request: the next one must not wait
+        await resp.write(b"data: [DONE]\n\n")
+        finished.append(time.perf_counter())
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]
+        try:
+            t0 = time.perf_counter()
+            samples, seconds = await bench_pd._open_loop(
+                f"http://127.0.0.1:{port}", [[1], [2], [3]], [0.0, 0.1, 0.2], 10.0
+            )
+            return t0, samples, seconds
+        finally:
+            await runner.cleanup()
+
+    t0, samples, seconds = asyncio.run(main())
+    assert [s.ok for s in samples] == [True] * 3
+    assert [s.output_tokens for s in samples] == [bench_pd.OUTPUT_TOKENS] * 3
+    # Never before its offset; the later ones left while the first still ran.
+    for got, want in zip(sorted(started), [0.0, 0.1, 0.2], strict=True):
+        assert got - t0 >= want - 0.005
+    assert max(started) < min(finished)
+    assert seconds >= max(finished) - t0 - 0.05
