@@ -1,0 +1,158 @@
+"""A producer never waits without bound on a consumer that is gone.
+
+The two engines talk over vLLM's real ZMQ control plane (``zmq_wire``): the
+producer's PUT waits for the consumer's answer before it sends the tensor.
+When the decode engine dies after the pair connected, that answer never
+comes. Stock, the wait has no bound: with PUT the prefill engine's forward
+pass blocks for good, with PUT_ASYNC its single sender thread does, and every
+later transfer to every decode engine stalls. Patched, the wait ends after
+``send_timeout_s``: the transfer fails, later sends to the dead peer fail at
+once, and a decode engine restarted at the same address is connected again.
+"""
+
+import logging
+import threading
+import time
+
+import pytest
+from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
+
+from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, proxy_request_id
+from .test_reliability import assert_loaded, assert_reference_text
+from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
+from .zmq_wire import zmq_wire  # noqa: F401
+
+SEND_TIMEOUT_S = 0.2
+# Far above SEND_TIMEOUT_S: a prefill that is not done by then is stuck.
+STUCK_S = 10.0
+
+pytestmark = [
+    pytest.mark.timeout(60),
+    pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"]),
+]
+
+
+def run_prefill(prefill: PDEngine, prompt: list[int]) -> str:
+    """Prefill one proxied request; fail (not hang) if the producer is stuck.
+
+    Returns the transfer id's request part (the X-Request-Id).
+    """
+    external_id = proxy_request_id()
+    prefill.add_request(external_id, prompt, 1)
+    done = threading.Event()
+
+    def steps():
+        prefill.run_until_idle()
+        done.set()
+
+    threading.Thread(target=steps, daemon=True).start()
+    assert done.wait(STUCK_S), "the prefill engine's step is stuck in a send"
+    return external_id
+
+
+def sends_of(engine, external_id: str, timeout: float = STUCK_S) -> list[bool]:
+    """The results of the producer's sends for one request, once all returned."""
+    done = threading.Event()
+
+    def results():
+        return [sent for tid, sent in engine.send_results if external_id in tid]
+
+    def wait():
+        while len(results()) < len(LAYERS):
+            if done.wait(0.01):
+                return
+        done.set()
+
+    waiter = threading.Thread(target=wait, daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    done.set()
+    sent = results()
+    assert len(sent) == len(LAYERS), (
+        f"the producer's sender is stuck: {len(sent)} of {len(LAYERS)} sends "
+        f"of {external_id} returned"
+    )
+    return sent
+
+
+class SendTimeouts(logging.Handler):
+    """The producer's warnings that a consumer did not answer a PUT in time."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.tensor_ids: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("[PUT] No answer"):
+            self.tensor_ids.append(record.args[1])
+
+
+@pytest.fixture
+def send_timeouts():
+    handler = SendTimeouts()
+    engine_logger = logging.getLogger(p2p_nccl_engine.__name__)
+    engine_logger.addHandler(handler)
+    yield handler
+    engine_logger.removeHandler(handler)
+
+
+def decode(engine: PDEngine, external_id: str, prompt: list[int]):
+    completion = engine.add_request(external_id, prompt, DECODE_MAX_TOKENS)
+    engine.run_until_idle()
+    (req_id,) = completion.request_ids
+    assert_loaded(engine, req_id, prompt)
+    assert_reference_text(completion, prompt)
+    assert engine.transport.held_tensor_ids() == set(), "received KV leaked"
+
+
+def test_producer_survives_a_dead_consumer(
+    zmq_wire,  # noqa: F811
+    send_timeouts,
+    tiny_model_dir,
+    send_type,
+):
+    options = {"send_timeout_s": SEND_TIMEOUT_S, "recv_timeout_s": STUCK_S}
+    prefill = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **options
+    )
+    consumer = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options
+    )
+
+    # The pair connects and transfers.
+    prompt = make_prompt(1, 37)
+    first = run_prefill(prefill, prompt)
+    assert sends_of(prefill.transport, first) == [True] * len(LAYERS)
+    decode(consumer, first, prompt)
+
+    # The decode engine dies. The producer's sends of the next request fail
+    # within the timeout, and its step goes on.
+    consumer.transport.kill()
+    lost = run_prefill(prefill, make_prompt(2, 30))
+    assert sends_of(prefill.transport, lost) == [False] * len(LAYERS)
+    assert not prefill.scheduler.has_requests()
+
+    # While nothing listens there, later requests do not wait at all: one
+    # wait and one warning for the peer, not one per layer and request.
+    lost_again = run_prefill(prefill, make_prompt(3, 20))
+    assert sends_of(prefill.transport, lost_again) == [False] * len(LAYERS)
+    (timed_out,) = send_timeouts.tensor_ids
+    assert lost in timed_out and timed_out.endswith(f"#{LAYERS[0]}")
+
+    # A decode engine restarted at the same address is connected again.
+    restarted = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options
+    )
+    # ZMQ notices it within its reconnect interval (0.1 s); requests before
+    # that fail at once, as while it was down.
+    deadline = time.monotonic() + STUCK_S
+    while True:
+        prompt = make_prompt(4 + len(prefill.completions), 45)
+        after = run_prefill(prefill, prompt)
+        sent = sends_of(prefill.transport, after)
+        if sent != [False] * len(LAYERS) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert sent == [True] * len(LAYERS), "the restarted consumer gets no KV"
+    decode(restarted, after, prompt)
+    assert send_timeouts.tensor_ids == [timed_out], "the producer waited again"

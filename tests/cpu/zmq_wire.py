@@ -1,0 +1,163 @@
+"""vLLM's P2pNcclEngine with its real ZMQ control plane and an in-process NCCL.
+
+``transport.InProcessP2pEngine`` replaces the whole wire. This one keeps all of
+``P2pNcclEngine`` that is not CUDA or NCCL: ``__init__`` (the ROUTER socket
+bound at ``<host>:<kv_port + rank>``, the listener thread, the PUT_ASYNC
+sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
+``send_sync`` (PUT and its answer), ``listen_for_requests`` and
+``drop_connection``. Replaced, as the CUDA/NCCL side of the wire:
+
+- ``NCCLLibrary``: ``ncclCommInitRank`` is a rendezvous of the two ranks that
+  share a unique id (it blocks until the other rank joins, as NCCL does, up
+  to ``HANDSHAKE_TIMEOUT_S``, then raises instead of hanging the test);
+- ``send``/``recv`` (``ncclSend``/``ncclRecv`` plus a stream sync): a queue
+  per communicator and direction;
+- CUDA streams and the pinned memory pool; tensors live on the CPU.
+
+``kill()`` ends an engine as a killed process ends: its listener stops and
+its ROUTER socket closes, so nothing listens at its address any more.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+import zmq
+from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
+
+from .transport import HOST
+
+HANDSHAKE_TIMEOUT_S = 10.0
+RECV_TIMEOUT_S = 10.0
+
+
+class FakeComm:
+    def __init__(self) -> None:
+        self.barrier = threading.Barrier(2)
+        # rank -> tensors sent to it
+        self.inbox: dict[int, queue.Queue[torch.Tensor]] = {
+            0: queue.Queue(),
+            1: queue.Queue(),
+        }
+
+
+class FakeNcclLibrary:
+    """The part of vLLM's NCCLLibrary that P2pNcclEngine calls for setup."""
+
+    _comms: dict[bytes, FakeComm] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, so_file: str | None = None) -> None:
+        pass
+
+    def ncclGetUniqueId(self) -> SimpleNamespace:
+        return SimpleNamespace(internal=os.urandom(128))
+
+    def unique_id_from_bytes(self, data: bytes) -> SimpleNamespace:
+        return SimpleNamespace(internal=data)
+
+    def ncclCommInitRank(self, world_size: int, unique_id, rank: int):
+        assert world_size == 2
+        with self._lock:
+            comm = self._comms.setdefault(bytes(unique_id.internal), FakeComm())
+        # Blocks until the other rank joins, as NCCL does.
+        comm.barrier.wait(HANDSHAKE_TIMEOUT_S)
+        return comm
+
+
+class FakeStream:
+    def wait_stream(self, stream) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+class FakeTensorMemoryPool:
+    def __init__(self, max_block_size: int, min_block_size: int = 512) -> None:
+        pass
+
+    def store_tensor(self, tensor: torch.Tensor) -> int:
+        raise AssertionError("the tests keep received KV under kv_buffer_size")
+
+
+class _Killed(Exception):
+    pass
+
+
+class _KillablePoller:
+    """The listener's zmq.Poller, which ends the listener once killed."""
+
+    def __init__(self, poller: zmq.Poller, killed: threading.Event) -> None:
+        self._poller, self._killed = poller, killed
+
+    def poll(self, timeout=None):
+        while not self._killed.is_set():
+            events = self._poller.poll(50)
+            if events:
+                return events
+        raise _Killed
+
+
+class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
+    """P2pNcclEngine on real ZMQ sockets at 127.0.0.1; NCCL and CUDA in-process."""
+
+    live: list[ZmqP2pEngine] = []
+
+    def __init__(self, local_rank, config, hostname="", port_offset=0, **kwargs):
+        self._killed = threading.Event()
+        # send_sync results: (tensor_id, sent) in the order the sends returned
+        self.send_results: list[tuple[str, bool]] = []
+        super().__init__(local_rank, config, HOST, port_offset, **kwargs)
+        self.device = torch.device("cpu")
+        ZmqP2pEngine.live.append(self)
+
+    def listen_for_requests(self):
+        self.poller = _KillablePoller(self.poller, self._killed)
+        try:
+            super().listen_for_requests()
+        except _Killed:
+            self.router_socket.close(linger=0)
+
+    def send_sync(self, item):
+        sent = super().send_sync(item)
+        self.send_results.append((item.tensor_id, sent))
+        return sent
+
+    # ---- the NCCL wire
+    def send(self, comm: FakeComm, tensor: torch.Tensor, dst: int, stream=None):
+        comm.inbox[dst].put(tensor.clone())
+
+    def recv(self, comm: FakeComm, tensor: torch.Tensor, src: int, stream=None):
+        tensor.copy_(comm.inbox[src ^ 1].get(timeout=RECV_TIMEOUT_S))
+
+    def kill(self) -> None:
+        """Stop listening, as a killed process does."""
+        self._killed.set()
+        self._listener_thread.join(5)
+        assert not self._listener_thread.is_alive(), "listener did not stop"
+
+    def held_tensor_ids(self) -> set[str]:
+        with self.recv_store_cv:
+            return set(self.recv_store)
+
+
+@pytest.fixture
+def zmq_wire(monkeypatch, world_group):
+    """Route P2pNcclConnector's engine to ZmqP2pEngine; kill them all after."""
+    from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_connector
+
+    monkeypatch.setattr(p2p_nccl_connector, "P2pNcclEngine", ZmqP2pEngine)
+    monkeypatch.setattr(p2p_nccl_engine, "NCCLLibrary", FakeNcclLibrary)
+    monkeypatch.setattr(p2p_nccl_engine, "TensorMemoryPool", FakeTensorMemoryPool)
+    monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    yield ZmqP2pEngine
+    while ZmqP2pEngine.live:
+        engine = ZmqP2pEngine.live.pop()
+        engine._killed.set()
+        engine._listener_thread.join(5)
