@@ -203,3 +203,41 @@ def test_kv_that_comes_after_its_request_gave_up(
     assert_decoded(decode, prompts, completions, policy, missing=set(prompts))
     prefill_all(prefill, prompts)
     assert_healthy(prefill, decode)
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_received_kv_counts_against_buffer_until_loaded(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy
+):
+    """kv_buffer_size counts received KV until it is loaded, and no longer.
+
+    Counted until its request finished, the KV of the requests a decode engine
+    runs fills kv_buffer_size, and every later transfer spills to host memory
+    (seen on two H200s as a cost of the series). KV that came too late is not
+    counted after it is dropped.
+    """
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prompts = new_prompts(2)
+    loaded, late = prompts
+    prefill_all(prefill, {loaded: prompts[loaded]})
+    assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
+
+    completion = decode.add_request(loaded, prompts[loaded], DECODE_MAX_TOKENS)
+    decode.step()
+    (req_id,) = completion.request_ids
+    assert_loaded(decode, req_id, prompts[loaded])
+    assert req_id not in decode.finish_reasons
+    assert decode.transport.buffer_size == 0, (
+        "KV that a running request already loaded still counts against "
+        "kv_buffer_size: later transfers spill to host memory"
+    )
+
+    completions = decode_all(decode, {late: prompts[late]})
+    assert_decoded(decode, {late: prompts[late]}, completions, policy, {late})
+    prefill_all(prefill, {late: prompts[late]})
+    decode.run_until_idle()
+    assert decode.transport.buffer_size == 0, "dropped KV still counted"
+    assert_healthy(prefill, decode)
+    assert decode.transport.buffer_size == 0

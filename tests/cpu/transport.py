@@ -228,6 +228,7 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         # when it runs out of memory).
         self.fail_put: Callable[[str], bool] = lambda tensor_id: False
         self.recv_refs: dict[str, int] = {}  # the patched engine's bookkeeping
+        self.recv_unloaded: dict[str, int] = {}
         self.recv_dropped: dict[str, int] = {}
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.send_request_id_to_tensor_ids: dict[str, set[str]] = {}
