@@ -15,6 +15,8 @@ computed on missing KV. Either way the engine stays healthy (the next request
 transfers and is correct) and no received KV stays behind.
 """
 
+import time
+
 import pytest
 from vllm.v1.engine import FinishReason
 
@@ -222,6 +224,11 @@ def test_received_kv_counts_against_buffer_until_loaded(
     prompts = new_prompts(2)
     loaded, late = prompts
     prefill_all(prefill, {loaded: prompts[loaded]})
+    # Received, not loaded yet: counted (PUT_ASYNC's sender may still be busy).
+    deadline = time.monotonic() + 5
+    while decode.transport.buffer_size < len(LAYERS) * TENSOR_BYTES:
+        assert time.monotonic() < deadline, "the KV did not arrive"
+        time.sleep(0.01)
     assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
 
     completion = decode.add_request(loaded, prompts[loaded], DECODE_MAX_TOKENS)
@@ -236,7 +243,12 @@ def test_received_kv_counts_against_buffer_until_loaded(
 
     completions = decode_all(decode, {late: prompts[late]})
     assert_decoded(decode, {late: prompts[late]}, completions, policy, {late})
+    assert decode.transport.recv_dropped, "decode expects the late KV"
     prefill_all(prefill, {late: prompts[late]})
+    deadline = time.monotonic() + 5
+    while decode.transport.recv_dropped:  # emptied as the late KV arrives
+        assert time.monotonic() < deadline, "the late KV did not arrive"
+        time.sleep(0.01)
     decode.run_until_idle()
     assert decode.transport.buffer_size == 0, "dropped KV still counted"
     assert_healthy(prefill, decode)

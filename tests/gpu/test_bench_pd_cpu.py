@@ -300,3 +300,24 @@ def test_open_loop_round_sends_at_the_offsets():
         assert got - t0 >= want - 0.005
     assert max(started) < min(finished)
     assert seconds >= max(finished) - t0 - 0.05
+
+
+def test_bench_combine_keeps_pairs_apart_and_refuses_other_workloads():
+    import bench_combine
+
+    def run(workload, values):
+        rounds = []
+        for pair, (stock, patched) in enumerate(values):
+            for tree, v in (("stock", stock), ("patched", patched)):
+                summary = {"tokens_per_s": v, "failed": 0}
+                rounds.append({"pair": pair, "tree": tree, "summary": summary})
+        return {"workload": workload, "rounds": rounds}
+
+    a = run("w", [(100.0, 101.0), (90.0, 91.0)])
+    b = run("w", [(110.0, 108.0)])
+    rounds = bench_combine.pooled_rounds([a, b])
+    assert sorted({r["pair"] for r in rounds}) == [0, 1, 1000]
+    pairs = bench_pd.paired(rounds, "tokens_per_s")
+    assert sorted(pairs) == [(90.0, 91.0), (100.0, 101.0), (110.0, 108.0)]
+    with pytest.raises(SystemExit, match="workload"):
+        bench_combine.pooled_rounds([a, run("other", [(1.0, 1.0)])])
