@@ -156,3 +156,41 @@ def test_producer_survives_a_dead_consumer(
     assert sent == [True] * len(LAYERS), "the restarted consumer gets no KV"
     decode(restarted, after, prompt)
     assert send_timeouts.tensor_ids == [timed_out], "the producer waited again"
+
+
+def test_consumer_answers_a_producer_that_reconnects_at_once(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    """A producer that drops its socket and connects again (0007, 0008) is
+    answered, even while the consumer's ROUTER still holds the old connection
+    under the same identity (its disconnect not seen yet; here: still open).
+
+    Without ROUTER_HANDOVER the ROUTER ignores the new connection, the
+    producer's NEW handshake is never read, and ncclCommInitRank on the
+    producer waits forever: seen once in this tier under load.
+    """
+    import msgpack
+    import zmq
+
+    from .transport import HOST
+
+    consumer = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
+    context = zmq.Context()
+    put = {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
+    sockets = []
+    try:
+        for _ in range(2):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
+            sock.connect(f"tcp://{consumer.transport.zmq_address}")
+            sockets.append(sock)
+            sock.send(msgpack.dumps(put))
+            assert sock.poll(5000), "the consumer did not answer this connection"
+            # A peer it has no communicator with: asked to connect again.
+            assert sock.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+        context.term()
