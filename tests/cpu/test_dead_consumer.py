@@ -194,3 +194,48 @@ def test_consumer_answers_a_producer_that_reconnects_at_once(
         for sock in sockets:
             sock.close(linger=0)
         context.term()
+
+
+def test_listener_survives_what_a_replaced_connection_still_delivers(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    """A producer reconnects while its old connection still has a PUT unread
+    at the consumer (0008 after a timeout, a busy listener). With
+    ROUTER_HANDOVER the new connection gets the identity; libzmq (4.3.5)
+    terminates the old one, and what it held is dropped, so the listener is
+    never handed a message under the old connection's renamed id (checked
+    here: it keeps answering). Without the option the new connection is
+    ignored.
+    """
+    import msgpack
+    import zmq
+
+    from .transport import HOST
+
+    consumer = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
+    transport = consumer.transport
+    context = zmq.Context()
+    put = {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
+    sockets = []
+    try:
+        transport.pause_listener()
+        for _ in range(2):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
+            sock.connect(f"tcp://{transport.zmq_address}")
+            sockets.append(sock)
+            sock.send(msgpack.dumps(put))
+            time.sleep(0.2)  # the PUT waits unread at the consumer
+        transport.resume_listener()
+        new = sockets[-1]
+        for _ in range(2):  # its PUT, then one more after both were read
+            assert new.poll(5000), "the consumer's listener stopped answering"
+            assert new.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
+            new.send(msgpack.dumps(put))
+        assert transport._listener_thread.is_alive()
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+        context.term()

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -95,9 +96,13 @@ class _KillablePoller:
 
     def __init__(self, poller: zmq.Poller, killed: threading.Event) -> None:
         self._poller, self._killed = poller, killed
+        self.paused = threading.Event()  # set: the listener reads nothing
 
     def poll(self, timeout=None):
         while not self._killed.is_set():
+            if self.paused.is_set():
+                self._killed.wait(0.01)
+                continue
             events = self._poller.poll(50)
             if events:
                 return events
@@ -135,6 +140,14 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
 
     def recv(self, comm: FakeComm, tensor: torch.Tensor, src: int, stream=None):
         tensor.copy_(comm.inbox[src ^ 1].get(timeout=RECV_TIMEOUT_S))
+
+    def pause_listener(self) -> None:
+        """Leave what arrives unread until resume_listener (a busy listener)."""
+        self.poller.paused.set()
+        time.sleep(0.2)  # past the poll in progress
+
+    def resume_listener(self) -> None:
+        self.poller.paused.clear()
 
     def kill(self) -> None:
         """Stop listening, as a killed process does."""
