@@ -253,15 +253,21 @@ async def _stream_one(session, url: str, prompt: list[int], timeout: float) -> S
     return sample
 
 
-async def _closed_loop(url, prompts, concurrency, timeout):
+def _client_session():
+    """One client session per round: no connection limit, no total timeout
+    (each request has its own)."""
     import aiohttp
 
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+
+
+async def _closed_loop(url, prompts, concurrency, timeout):
     queue = list(enumerate(prompts))[::-1]
     samples: list[Sample | None] = [None] * len(prompts)
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=conn, timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
+    async with _client_session() as session:
 
         async def worker():
             while queue:
@@ -288,12 +294,7 @@ def arrival_offsets(pair: int, count: int, rate: float, seed: int = 0) -> list[f
 
 
 async def _open_loop(url, prompts, offsets, timeout):
-    import aiohttp
-
-    conn = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(
-        connector=conn, timeout=aiohttp.ClientTimeout(total=None)
-    ) as session:
+    async with _client_session() as session:
         start = time.perf_counter()
 
         async def send(prompt, offset):
