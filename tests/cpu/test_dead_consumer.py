@@ -10,16 +10,20 @@ later transfer to every decode engine stalls. Patched, the wait ends after
 once, and a decode engine restarted at the same address is connected again.
 """
 
+import contextlib
 import logging
 import threading
 import time
 
+import msgpack
 import pytest
+import zmq
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
 from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, proxy_request_id
 from .test_reliability import assert_loaded, assert_reference_text
 from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
+from .transport import HOST
 from .zmq_wire import zmq_wire  # noqa: F401
 
 SEND_TIMEOUT_S = 0.2
@@ -158,6 +162,34 @@ def test_producer_survives_a_dead_consumer(
     assert send_timeouts.tensor_ids == [timed_out], "the producer waited again"
 
 
+# A PUT from a peer the consumer has no communicator with.
+UNKNOWN_PEER_PUT = msgpack.dumps(
+    {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
+)
+
+
+@contextlib.contextmanager
+def producer_connections(consumer_address: str):
+    """Opens DEALER sockets to the consumer with the producer's identity, as
+    the producer's create_connect does; all closed at the end."""
+    context = zmq.Context()
+    sockets: list[zmq.Socket] = []
+
+    def connect() -> zmq.Socket:
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
+        sock.connect(f"tcp://{consumer_address}")
+        sockets.append(sock)
+        return sock
+
+    try:
+        yield connect
+    finally:
+        for sock in sockets:
+            sock.close(linger=0)
+        context.term()
+
+
 def test_consumer_answers_a_producer_that_reconnects_at_once(
     zmq_wire,  # noqa: F811
     tiny_model_dir,
@@ -171,29 +203,14 @@ def test_consumer_answers_a_producer_that_reconnects_at_once(
     producer's NEW handshake is never read, and ncclCommInitRank on the
     producer waits forever: seen once in this tier under load.
     """
-    import msgpack
-    import zmq
-
-    from .transport import HOST
-
     consumer = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
-    context = zmq.Context()
-    put = {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
-    sockets = []
-    try:
+    with producer_connections(consumer.transport.zmq_address) as connect:
         for _ in range(2):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
-            sock.connect(f"tcp://{consumer.transport.zmq_address}")
-            sockets.append(sock)
-            sock.send(msgpack.dumps(put))
+            sock = connect()
+            sock.send(UNKNOWN_PEER_PUT)
             assert sock.poll(5000), "the consumer did not answer this connection"
             # A peer it has no communicator with: asked to connect again.
             assert sock.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
-    finally:
-        for sock in sockets:
-            sock.close(linger=0)
-        context.term()
 
 
 def test_listener_survives_what_a_replaced_connection_still_delivers(
@@ -209,33 +226,17 @@ def test_listener_survives_what_a_replaced_connection_still_delivers(
     here: it keeps answering). Without the option the new connection is
     ignored.
     """
-    import msgpack
-    import zmq
-
-    from .transport import HOST
-
     consumer = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
     transport = consumer.transport
-    context = zmq.Context()
-    put = {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
-    sockets = []
-    try:
+    with producer_connections(transport.zmq_address) as connect:
         transport.pause_listener()
         for _ in range(2):
-            sock = context.socket(zmq.DEALER)
-            sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
-            sock.connect(f"tcp://{transport.zmq_address}")
-            sockets.append(sock)
-            sock.send(msgpack.dumps(put))
+            new = connect()
+            new.send(UNKNOWN_PEER_PUT)
             time.sleep(0.2)  # the PUT waits unread at the consumer
         transport.resume_listener()
-        new = sockets[-1]
         for _ in range(2):  # its PUT, then one more after both were read
             assert new.poll(5000), "the consumer's listener stopped answering"
             assert new.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
-            new.send(msgpack.dumps(put))
+            new.send(UNKNOWN_PEER_PUT)
         assert transport._listener_thread.is_alive()
-    finally:
-        for sock in sockets:
-            sock.close(linger=0)
-        context.term()
