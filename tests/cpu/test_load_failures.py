@@ -207,6 +207,14 @@ def test_kv_that_comes_after_its_request_gave_up(
     assert_healthy(prefill, decode)
 
 
+def wait_for(condition, failure: str, timeout: float = 5.0) -> None:
+    """Wait for what another thread (PUT_ASYNC's sender) makes true."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
 def test_received_kv_counts_against_buffer_until_loaded(
     network, tiny_model_dir, monkeypatch, randomization, send_type, policy
@@ -225,10 +233,10 @@ def test_received_kv_counts_against_buffer_until_loaded(
     loaded, late = prompts
     prefill_all(prefill, {loaded: prompts[loaded]})
     # Received, not loaded yet: counted (PUT_ASYNC's sender may still be busy).
-    deadline = time.monotonic() + 5
-    while decode.transport.buffer_size < len(LAYERS) * TENSOR_BYTES:
-        assert time.monotonic() < deadline, "the KV did not arrive"
-        time.sleep(0.01)
+    wait_for(
+        lambda: decode.transport.buffer_size >= len(LAYERS) * TENSOR_BYTES,
+        "the KV did not arrive",
+    )
     assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
 
     completion = decode.add_request(loaded, prompts[loaded], DECODE_MAX_TOKENS)
@@ -245,10 +253,8 @@ def test_received_kv_counts_against_buffer_until_loaded(
     assert_decoded(decode, {late: prompts[late]}, completions, policy, {late})
     assert decode.transport.recv_dropped, "decode expects the late KV"
     prefill_all(prefill, {late: prompts[late]})
-    deadline = time.monotonic() + 5
-    while decode.transport.recv_dropped:  # emptied as the late KV arrives
-        assert time.monotonic() < deadline, "the late KV did not arrive"
-        time.sleep(0.01)
+    # recv_dropped empties as the late KV arrives and is dropped.
+    wait_for(lambda: not decode.transport.recv_dropped, "the late KV did not arrive")
     decode.run_until_idle()
     assert decode.transport.buffer_size == 0, "dropped KV still counted"
     assert_healthy(prefill, decode)
