@@ -16,6 +16,9 @@ export PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 GIT_CEILING_DIRECTORIES=
 unset NCCL_HOSTID
 # The scripts' own imports (aiohttp, transformers, tokenizers) come from the
 # machine; vLLM only reaches the servers through their PYTHONPATH.
+need_sites() {
+  [ -d /tmp/site-series/vllm ] || { echo "no sites: run '$0 install' first" >&2; exit 2; }
+}
 
 case ${1:?usage: $0 install | soak OUT | reliability OUT | bench OUT | matrix OUT NAME | pytest OUT} in
 install)
@@ -28,14 +31,14 @@ soak)
   ;;
 reliability)
   out=${2:?OUT_DIR}; shift 2
-  [ -d /tmp/site-series/vllm ] || { echo "no sites: run '$0 install' first" >&2; exit 2; }
+  need_sites
   mkdir -p "$out"
   exec python3 ci/gpu/reliability.py --site /tmp/site-series --out "$out/reliability" \
     --logs-tar "$out/reliability-logs.tar.gz" --log-dir /tmp/reliability-logs "$@"
   ;;
 bench)
   out=${2:?OUT_DIR}; shift 2
-  [ -d /tmp/site-series/vllm ] || { echo "no sites: run '$0 install' first" >&2; exit 2; }
+  need_sites
   mkdir -p "$out"
   rc=0
   python3 ci/gpu/bench_pd.py --stock-site /tmp/site --patched-site /tmp/site-series \
@@ -47,7 +50,7 @@ matrix)
   # Both trees; CUDA_VISIBLE_DEVICES=0 in the caller's environment gives the
   # one-GPU layout (NCCL_HOSTID per engine), two visible GPUs the two-GPU one.
   out=${2:?OUT_DIR}; name=${3:?NAME}; shift 3
-  [ -d /tmp/site-series/vllm ] || { echo "no sites: run '$0 install' first" >&2; exit 2; }
+  need_sites
   mkdir -p "$out"
   rc=0
   python3 ci/gpu/run_matrix.py --stock-site /tmp/site --patched-site /tmp/site-series \
@@ -60,7 +63,7 @@ pytest)
   # the machine has no package registry); the test process imports the
   # patched vLLM, and so do the servers it starts (GPU_TIER_SITE).
   out=${2:?OUT_DIR}; shift 2
-  [ -d /tmp/site-series/vllm ] || { echo "no sites: run '$0 install' first" >&2; exit 2; }
+  need_sites
   mkdir -p "$out"
   python3 -m pip install -q --no-index --no-deps --target /tmp/pytest-site .gpu/pytest-wheels/*.whl
   rc=0
