@@ -17,6 +17,12 @@ idle: the NCCL limit (ci/gpu/nccl_bw.py, run before the engines start) next
 to the KV bytes per request, and the share of TTFT spent in the transfer,
 estimated by a direct two-step client (see transfer_probe).
 
+Each round also keeps every request (request_records: the prompt's index,
+length and send offset, TTFT, latency, its own ITL p50 and TPOT), its wall
+clock start, and one nvidia-smi sample of both GPUs before and one after it
+(sample_gpus: clocks, power, temperature, pstate, throttle reasons), to find
+what splits ITL p50 into two modes across rounds.
+
     python3 ci/gpu/bench_pd.py --stock-site /tmp/site \
         --patched-site /tmp/site-patched --out $OUT [--quick]
 
@@ -33,6 +39,7 @@ import logging
 import math
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -331,22 +338,24 @@ def percentile(values, q: float) -> float | None:
     return values[lo] + (values[hi] - values[lo]) * (pos - lo)
 
 
+def tpot(sample: Sample) -> float | None:
+    """Time per output token after the first (s): unlike ITL it does not
+    depend on how the stream was cut into chunks."""
+    if sample.latency is None or sample.ttft is None or sample.output_tokens < 2:
+        return None
+    return (sample.latency - sample.ttft) / (sample.output_tokens - 1)
+
+
+def ms(x: float | None) -> float | None:
+    return None if x is None else round(1000 * x, 2)
+
+
 def summarize_round(samples: list[Sample], seconds: float) -> dict:
     ok = [s for s in samples if s.ok]
     ttfts = [s.ttft for s in ok]
     itls = [g for s in ok for g in s.itls]
-    # Time per output token after the first, per request: unlike ITL it does
-    # not depend on how the stream was cut into chunks.
-    tpots = [
-        (s.latency - s.ttft) / (s.output_tokens - 1)
-        for s in ok
-        if s.latency is not None and s.output_tokens > 1
-    ]
+    tpots = [t for t in map(tpot, ok) if t is not None]
     tokens = sum(s.output_tokens for s in ok)
-
-    def ms(x):
-        return None if x is None else round(1000 * x, 2)
-
     return {
         "requests": len(samples),
         "failed": len(samples) - len(ok),
@@ -361,6 +370,35 @@ def summarize_round(samples: list[Sample], seconds: float) -> dict:
         "tpot_p50_ms": ms(percentile(tpots, 50)),
         "errors": sorted({s.detail for s in samples if s.detail})[:5],
     }
+
+
+def request_records(
+    samples: list[Sample], offsets: list[float] | None = None
+) -> list[dict]:
+    """One record per request of a round, in the order of its prompt list.
+
+    ``index`` is the prompt's place in round_prompts(), the same in both
+    rounds of a pair, so the two trees' answers to one prompt can be paired.
+    ``offset_s`` is the scheduled send time (open loop; None in the closed
+    loop). Times in ms, rounded to 0.01 ms; ``tpot_ms`` as in tpot().
+    """
+    records = []
+    for i, s in enumerate(samples):
+        record = {
+            "index": i,
+            "prompt_tokens": s.prompt_tokens,
+            "offset_s": None if offsets is None else round(offsets[i], 3),
+            "ok": s.ok,
+            "ttft_ms": ms(s.ttft),
+            "latency_ms": ms(s.latency),
+            "output_tokens": s.output_tokens,
+            "itl_p50_ms": ms(percentile(s.itls, 50)),
+            "tpot_ms": ms(tpot(s)),
+        }
+        if s.detail:
+            record["detail"] = s.detail[:200]
+        records.append(record)
+    return records
 
 
 METRICS = (  # key, label, higher is better
@@ -729,13 +767,40 @@ def render(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+COMPACT_ITEMS = ("requests", "gpus")  # lists whose items take one line each
+
+
+def to_json(data: dict) -> str:
+    """json.dumps(indent=2), but each per-request record and each GPU of a
+    sample on one line: a run of 32 rounds of 32 requests stays near 300 KB
+    and a round's requests can be read down the page."""
+    lines: list[str] = []
+
+    def walk(obj, key=None):
+        if isinstance(obj, dict):
+            return {k: walk(v, k) for k, v in obj.items()}
+        if isinstance(obj, list):
+            if key not in COMPACT_ITEMS:
+                return [walk(v) for v in obj]
+            out = []
+            for item in obj:
+                lines.append(json.dumps(item))
+                out.append(f"\0{len(lines) - 1}\0")
+            return out
+        return obj
+
+    text = json.dumps(walk(data), indent=2)
+    text = re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: lines[int(m.group(1))], text)
+    return text + "\n"
+
+
 def save(out: Path, data: dict, resamples: int = 1000) -> None:
     """Write the JSON and the markdown (the final save: resamples=10000)."""
     data["written"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     data["ratios"] = ratios(data.get("rounds", []), resamples)
     out.mkdir(parents=True, exist_ok=True)
     for name, text in (
-        ("bench_pd.json", json.dumps(data, indent=2) + "\n"),
+        ("bench_pd.json", to_json(data)),
         ("bench_pd.md", render(data)),
     ):
         tmp = out / (name + ".tmp")
@@ -750,6 +815,91 @@ def shell(cmd: list[str]) -> str:
         ).stdout.strip()
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"{cmd[0]}: {exc}"
+
+
+# What a GPU sample records: name, then the nvidia-smi --query-gpu fields that
+# may hold it, first choice first (drivers rename fields: clocks_throttle_
+# reasons became clocks_event_reasons).
+GPU_FIELDS = (
+    ("index", ("index",)),
+    ("sm_mhz", ("clocks.sm",)),
+    ("mem_mhz", ("clocks.mem",)),
+    ("power_w", ("power.draw", "power.draw.average", "power.draw.instant")),
+    ("temp_c", ("temperature.gpu",)),
+    ("pstate", ("pstate",)),
+    ("throttle", ("clocks_event_reasons.active", "clocks_throttle_reasons.active")),
+)
+# nvml.h's clock event (throttle) reason bits, for the report.
+THROTTLE_BITS = (
+    (0x1, "idle"),
+    (0x2, "app-clocks"),
+    (0x4, "sw-power-cap"),
+    (0x8, "hw-slowdown"),
+    (0x10, "sync-boost"),
+    (0x20, "sw-thermal"),
+    (0x40, "hw-thermal"),
+    (0x80, "hw-power-brake"),
+    (0x100, "display-clocks"),
+)
+
+
+def gpu_query_fields(help_text: str) -> dict[str, str]:
+    """Name -> the first of its GPU_FIELDS that ``nvidia-smi
+    --help-query-gpu`` lists; names with none are left out."""
+    listed = set(re.findall(r'"([\w.]+)"', help_text))
+    fields = {}
+    for name, candidates in GPU_FIELDS:
+        for candidate in candidates:
+            if candidate in listed:
+                fields[name] = candidate
+                break
+    return fields
+
+
+def _gpu_value(cell: str):
+    cell = cell.strip()
+    if not cell or cell.startswith("["):  # [N/A], [Not Supported]
+        return None
+    try:
+        value = float(cell)
+    except ValueError:
+        return cell  # pstate "P0", throttle "0x0000000000000004"
+    return int(value) if value.is_integer() and "." not in cell else value
+
+
+def parse_gpu_csv(names: list[str], text: str) -> list[dict]:
+    """Rows of ``--format=csv,noheader,nounits`` as {name: value}."""
+    rows = []
+    for line in text.splitlines():
+        if line.strip():
+            cells = line.split(",")
+            rows.append({n: _gpu_value(c) for n, c in zip(names, cells, strict=False)})
+    return rows
+
+
+def sample_gpus(gpus: list[str], fields: dict[str, str], timeout=10.0) -> dict:
+    """Clocks, power, temperature, pstate and throttle reasons of ``gpus``
+    now: one nvidia-smi call. Never raises; what failed is in "error"."""
+    sample: dict = {"unix_s": round(time.time(), 3)}
+    if not fields:
+        sample["error"] = "no nvidia-smi query fields"
+        return sample
+    cmd = [
+        "nvidia-smi",
+        "--id=" + ",".join(gpus),
+        "--query-gpu=" + ",".join(fields.values()),
+        "--format=csv,noheader,nounits",
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sample["error"] = f"nvidia-smi: {exc}"[:200]
+        return sample
+    if proc.returncode:
+        sample["error"] = (proc.stderr.strip() or proc.stdout.strip())[:200]
+        return sample
+    sample["gpus"] = parse_gpu_csv(list(fields), proc.stdout)
+    return sample
 
 
 def gpu_memory_used() -> str:
@@ -844,6 +994,8 @@ def main(argv=None) -> int:
         "machine": common.machine_info(gpus),
         "topology": shell(["nvidia-smi", "topo", "-m"]),
         "gpu_memory_total": gpu_memory_used(),
+        # sampled before and after each round (ITL's two modes, issue 12)
+        "gpu_query_fields": gpu_query_fields(shell(["nvidia-smi", "--help-query-gpu"])),
         "trees": trees,
         "patches": common.patches_digest(),
         "model": config,
@@ -945,7 +1097,7 @@ def main(argv=None) -> int:
             data["gpu_memory_after_start"] = gpu_memory_used()
             logger.info("all up after %.0f s", data["engine_start_s"])
             save(args.out, data)
-            measure(args, data, urls, specs, lengths, t_start)
+            measure(args, data, urls, specs, lengths, t_start, gpus)
     except Exception as exc:  # keep what was measured, say what broke
         logger.exception("benchmark stopped")
         data["notes"].append(f"stopped: {exc!r}"[:2000])
@@ -959,7 +1111,8 @@ def main(argv=None) -> int:
     return 0
 
 
-def measure(args, data, urls, specs, lengths, t_start) -> None:
+def measure(args, data, urls, specs, lengths, t_start, gpus) -> None:
+    gpu_fields = data.get("gpu_query_fields", {})
     # Warm-up (not recorded): opens each pair's NCCL communicator and fills
     # the allocators, with every prompt length.
     warm = round_prompts(-1, 2 * len(lengths), lengths)
@@ -987,11 +1140,24 @@ def measure(args, data, urls, specs, lengths, t_start) -> None:
             offsets = (
                 arrival_offsets(pair, args.requests, args.rate) if args.rate else None
             )
+            gpu_before = sample_gpus(gpus, gpu_fields)
+            started = time.time()
             samples, seconds = run_round(
                 urls[tree], prompts, args.concurrency, args.timeout, offsets
             )
+            gpu_after = sample_gpus(gpus, gpu_fields)
             summary = summarize_round(samples, seconds)
-            data["rounds"].append({"pair": pair, "tree": tree, "summary": summary})
+            data["rounds"].append(
+                {
+                    "pair": pair,
+                    "tree": tree,
+                    "summary": summary,
+                    "start_unix_s": round(started, 3),
+                    "gpu_before": gpu_before,
+                    "gpu_after": gpu_after,
+                    "requests": request_records(samples, offsets),
+                }
+            )
             logger.info("pair %d %s: %s", pair, tree, summary)
             save(args.out, data)
         pair_times.append(time.monotonic() - t_pair)

@@ -321,3 +321,137 @@ def test_bench_combine_keeps_pairs_apart_and_refuses_other_workloads():
     assert sorted(pairs) == [(90.0, 91.0), (100.0, 101.0), (110.0, 108.0)]
     with pytest.raises(SystemExit, match="workload"):
         bench_combine.pooled_rounds([a, run("other", [(1.0, 1.0)])])
+
+
+def test_request_records_one_per_prompt_in_prompt_order():
+    ok = bench_pd.Sample(1024, ok=True, ttft=0.1, latency=1.37, output_tokens=128)
+    ok.itls = [0.01] * 100 + [0.03] * 27
+    failed = bench_pd.Sample(8192, ttft=0.25, detail="no answer in 120 s")
+    one = bench_pd.Sample(2048, ok=True, ttft=0.2, latency=0.2, output_tokens=1)
+    records = bench_pd.request_records([ok, failed, one], [0.0, 0.123456, 1.5])
+    assert [r["index"] for r in records] == [0, 1, 2]
+    assert [r["prompt_tokens"] for r in records] == [1024, 8192, 2048]
+    assert [r["offset_s"] for r in records] == [0.0, 0.123, 1.5]
+    assert records[0] == {
+        "index": 0,
+        "prompt_tokens": 1024,
+        "offset_s": 0.0,
+        "ok": True,
+        "ttft_ms": 100.0,
+        "latency_ms": 1370.0,
+        "output_tokens": 128,
+        "itl_p50_ms": 10.0,
+        "tpot_ms": 10.0,  # (1.37 - 0.1) / 127, as in the round's TPOT p50
+    }
+    assert records[1]["ok"] is False and records[1]["ttft_ms"] == 250.0
+    assert records[1]["latency_ms"] is None and records[1]["tpot_ms"] is None
+    assert records[1]["detail"] == "no answer in 120 s"
+    assert records[2]["itl_p50_ms"] is None and records[2]["tpot_ms"] is None
+    closed = bench_pd.request_records([ok])  # closed loop: no schedule
+    assert closed[0]["offset_s"] is None
+
+
+def test_to_json_one_line_per_request_and_gpu_and_round_trips():
+    request = {"index": 0, "ttft_ms": 1.5, "ok": True, "detail": 'a "quote"'}
+    gpu = {"index": 0, "sm_mhz": 1980, "throttle": "0x0000000000000000"}
+    data = {
+        "rounds": [
+            {
+                "pair": 0,
+                "summary": {"requests": 2, "errors": ["x"]},
+                "gpu_before": {"unix_s": 1.0, "gpus": [gpu, dict(gpu, index=1)]},
+                "requests": [request, dict(request, index=1)],
+            }
+        ],
+        "ratios": {"tokens_per_s": {"ci95": [0.99, 1.01]}},
+    }
+    text = bench_pd.to_json(data)
+    assert json.loads(text) == data
+    lines = text.splitlines()
+    assert sum(json.dumps(request) in line for line in lines) == 1
+    assert sum(json.dumps(gpu) in line for line in lines) == 1
+    assert '"requests": 2,' in text  # the summary's count stays as it was
+    assert "\\u0000" not in text
+
+
+def test_gpu_query_fields_take_what_this_driver_lists():
+    new_driver = """
+"index"
+Zero based index of the GPU.
+"clocks.current.sm" or "clocks.sm"
+"clocks.current.memory" or "clocks.mem"
+"power.draw"
+"power.draw.instant"
+"temperature.gpu"
+"pstate"
+"clocks_event_reasons.active"
+Bitmask of active clock event reasons.
+"""
+    fields = bench_pd.gpu_query_fields(new_driver)
+    assert fields == {
+        "index": "index",
+        "sm_mhz": "clocks.sm",
+        "mem_mhz": "clocks.mem",
+        "power_w": "power.draw",
+        "temp_c": "temperature.gpu",
+        "pstate": "pstate",
+        "throttle": "clocks_event_reasons.active",
+    }
+    old_driver = new_driver.replace("clocks_event", "clocks_throttle").replace(
+        '"power.draw"\n', ""
+    )
+    fields = bench_pd.gpu_query_fields(old_driver)
+    assert fields["throttle"] == "clocks_throttle_reasons.active"
+    assert fields["power_w"] == "power.draw.instant"
+    no_temp = bench_pd.gpu_query_fields(new_driver.replace("temperature", "t"))
+    assert "temp_c" not in no_temp and len(no_temp) == 6
+    assert bench_pd.gpu_query_fields("nvidia-smi: [Errno 2] No such file") == {}
+
+
+def test_parse_gpu_csv_numbers_strings_and_not_available():
+    names = ["index", "sm_mhz", "power_w", "pstate", "throttle"]
+    text = "0, 1980, 345.67, P0, 0x0000000000000000\n1, [N/A], 70.1, P0, 0x4\n\n"
+    assert bench_pd.parse_gpu_csv(names, text) == [
+        {
+            "index": 0,
+            "sm_mhz": 1980,
+            "power_w": 345.67,
+            "pstate": "P0",
+            "throttle": "0x0000000000000000",
+        },
+        {
+            "index": 1,
+            "sm_mhz": None,
+            "power_w": 70.1,
+            "pstate": "P0",
+            "throttle": "0x4",
+        },
+    ]
+
+
+def test_sample_gpus_one_call_and_never_raises(tmp_path, monkeypatch):
+    fields = {"index": "index", "sm_mhz": "clocks.sm", "pstate": "pstate"}
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi at all
+    missing = bench_pd.sample_gpus(["0", "1"], fields)
+    assert "gpus" not in missing and "nvidia-smi" in missing["error"]
+    assert abs(missing["unix_s"] - time.time()) < 60
+    assert "error" in bench_pd.sample_gpus(["0"], {})
+    # A stand-in for the driver's CLI: logs its arguments, prints two GPUs.
+    calls = tmp_path / "calls"
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        f'#!/bin/sh\necho "$@" >> {calls}\n'
+        'case "$*" in *clocks.sm*) printf "0, 1755, P0\\n1, 1980, P0\\n";; '
+        '*) echo "bad field" >&2; exit 2;; esac\n'
+    )
+    smi.chmod(0o755)
+    sample = bench_pd.sample_gpus(["0", "1"], fields)
+    assert sample["gpus"] == [
+        {"index": 0, "sm_mhz": 1755, "pstate": "P0"},
+        {"index": 1, "sm_mhz": 1980, "pstate": "P0"},
+    ]
+    assert calls.read_text().splitlines() == [
+        "--id=0,1 --query-gpu=index,clocks.sm,pstate --format=csv,noheader,nounits"
+    ]
+    failed = bench_pd.sample_gpus(["0"], {"pstate": "pstate"})
+    assert failed["error"] == "bad field" and "gpus" not in failed
