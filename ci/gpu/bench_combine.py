@@ -4,6 +4,12 @@
 Each run's pairs stay pairs (a pair never mixes runs); the paired bootstrap
 then resamples all of them. Runs must use the same workload and trees.
 
+Rows marked "per-request paired" (bench_pd.bootstrap_log_ratio: the
+geometric mean of patched/stock over requests matched by prompt, the
+bootstrap still over round pairs) use the runs that kept request records;
+their pairs column says how many pairs that was. Without such runs the rows
+are left out.
+
     python3 ci/gpu/bench_combine.py results/a.json results/b.json
 """
 
@@ -39,8 +45,10 @@ def main(argv=None) -> int:
     print(f"{len(runs)} runs: {', '.join(str(p) for p in args.runs)}")
     print("| metric | ratio | 95% CI | +-% | pairs |")
     print("|---|---|---|---|---|")
-    for key, label, _ in bench_pd.METRICS:
-        r = ratios[key]
+    rows = [(key, label) for key, label, _ in bench_pd.METRICS]
+    rows += [(key, label) for _, key, label in bench_pd.REQUEST_METRICS]
+    for key, label in rows:
+        r = ratios.get(key)
         if r is None:
             continue
         lo, hi = r["ci95"]

@@ -451,10 +451,99 @@ def bootstrap_ratio(
     }
 
 
-def ratios(rounds: list[dict], resamples: int = 10000) -> dict:
+REQUEST_METRICS = (  # request record field, key in ratios, label; lower is better
+    ("ttft_ms", "ttft_per_request", "TTFT (per-request paired)"),
+    ("tpot_ms", "tpot_per_request", "TPOT (per-request paired)"),
+)
+
+
+def request_pairs(rounds: list[dict], name: str) -> list[list[tuple[float, float]]]:
+    """Per complete round pair: (stock, patched) ``name`` of each request.
+
+    Requests are matched by their index in the pair's prompt list (the same
+    prompt, sent at the same offset); a request that failed in either round,
+    or lacks the value, is left out. Pairs where a round has no request
+    records (runs before they were kept) or no request is left are left out.
+    """
+    by_pair: dict[int, dict[str, list[dict]]] = {}
+    for r in rounds:
+        if r.get("requests"):
+            by_pair.setdefault(r["pair"], {})[r["tree"]] = r["requests"]
+    out = []
+    for pair, trees in sorted(by_pair.items()):
+        if STOCK not in trees or PATCHED not in trees:
+            continue
+        patched = {q["index"]: q for q in trees[PATCHED]}
+        values = []
+        for s in trees[STOCK]:
+            p = patched.get(s["index"])
+            if p is None:
+                continue
+            if p["prompt_tokens"] != s["prompt_tokens"]:
+                raise ValueError(
+                    f"pair {pair}, request {s['index']}: {s['prompt_tokens']} "
+                    f"prompt tokens in stock, {p['prompt_tokens']} in patched"
+                )
+            a, b = s.get(name), p.get(name)
+            if s["ok"] and p["ok"] and a and b and a > 0 and b > 0:
+                values.append((a, b))
+        if values:
+            out.append(values)
+    return out
+
+
+def bootstrap_log_ratio(
+    groups: list[list[tuple[float, float]]], resamples: int = 10000, seed: int = 0
+) -> dict | None:
+    """Per-request paired ratio: the geometric mean of patched/stock over
+    requests, with a bootstrap 95% CI that resamples round pairs.
+
+    ``groups``: per round pair, (stock, patched) of each request (from
+    request_pairs). Per pair m_k = mean over its requests of log(patched /
+    stock); ratio = exp(mean over pairs of m_k), so each pair weighs alike.
+
+    Why: both rounds of a pair send the same prompts at the same offsets, so
+    comparing each request with itself takes out what the ratio of round
+    p50s mixes in (a round's p50 moves with which of the 1k..8k prompts land
+    near the middle and with queueing under that schedule). The bootstrap
+    still resamples whole pairs, never single requests: the requests of a
+    round share its queue and the machine's state, so drift between rounds
+    stays in the interval. It is a different estimator from the ratio of
+    p50s (every request counts alike, short and long prompts), not a
+    narrower view of the same number.
+    """
+    if not groups:
+        return None
+    means = [statistics.fmean(math.log(p / s) for s, p in g) for g in groups]
+    n = len(means)
+    ratio = math.exp(statistics.fmean(means))
+    rng = random.Random(seed)
+    ratios = [
+        math.exp(sum(means[rng.randrange(n)] for _ in range(n)) / n)
+        for _ in range(resamples)
+    ]
+    lo, hi = percentile(ratios, 2.5), percentile(ratios, 97.5)
     return {
+        "ratio": round(ratio, 4),
+        "ci95": [round(lo, 4), round(hi, 4)],
+        "half_width_pct": round(50 * (hi - lo) / ratio, 2),
+        "pairs": n,
+        "requests": sum(len(g) for g in groups),
+        "resamples": resamples,
+    }
+
+
+def ratios(rounds: list[dict], resamples: int = 10000) -> dict:
+    """Ratio of round values for each of METRICS; the per-request paired
+    ones (REQUEST_METRICS) only where rounds have request records."""
+    out = {
         key: bootstrap_ratio(paired(rounds, key), resamples) for key, _, _ in METRICS
     }
+    for name, key, _ in REQUEST_METRICS:
+        r = bootstrap_log_ratio(request_pairs(rounds, name), resamples)
+        if r is not None:
+            out[key] = r
+    return out
 
 
 # -------------------------------------------------------------- engines
@@ -652,6 +741,83 @@ def transfer_probe(
 # --------------------------------------------------------------- report
 
 
+def render_per_request(ratios: dict) -> list[str]:
+    """The per-request paired table; nothing for runs without request records."""
+    rows = [(label, ratios.get(key)) for _, key, label in REQUEST_METRICS]
+    if not any(r for _, r in rows):
+        return []
+    lines = [
+        "",
+        "Per-request paired: for each request that succeeded in both rounds of"
+        " a pair (the same prompt at the same send offset), log(patched /"
+        " stock); the mean over a pair's requests, then over pairs; ratio = exp"
+        " of that, a geometric mean of per-request ratios. 95% CI: bootstrap"
+        " over round pairs, as above.",
+        "",
+        "| metric | ratio | 95% CI | +-% | pairs | requests |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, r in rows:
+        if r:
+            lines.append(
+                f"| {label} | {r['ratio']:.4f} | {r['ci95'][0]:.4f}-"
+                f"{r['ci95'][1]:.4f} | {r['half_width_pct']:.2f} | {r['pairs']} | "
+                f"{r['requests']} |"
+            )
+    return lines
+
+
+def throttle_names(value) -> str:
+    """nvidia-smi's active clock event reasons (hex bitmask) in words."""
+    try:
+        bits = int(value, 16)
+    except (TypeError, ValueError):
+        return str(value)
+    names = [name for bit, name in THROTTLE_BITS if bits & bit]
+    unknown = bits & ~sum(bit for bit, _ in THROTTLE_BITS)
+    if unknown:
+        names.append(hex(unknown))
+    return "+".join(names) or "none"
+
+
+def render_gpu_state(rounds: list[dict]) -> list[str]:
+    """Each round's GPU samples, before -> after; nothing for older runs."""
+    if not any("gpu_before" in r for r in rounds):
+        return []
+    cols = ("sm_mhz", "mem_mhz", "power_w", "temp_c", "pstate", "throttle")
+    lines = [
+        "",
+        "## GPU state around each round",
+        "",
+        "One nvidia-smi sample of each GPU just before and just after the round"
+        " (before -> after). ITL p50 of the round for reference.",
+        "",
+        "| # | tree | start (UTC) | ITL p50 | GPU | SM MHz | mem MHz | W | C "
+        "| pstate | throttle |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(rounds):
+        start = r.get("start_unix_s")
+        when = "-" if start is None else time.strftime("%H:%M:%S", time.gmtime(start))
+        head = f"| {i} | {r['tree']} | {when} | {r['summary'].get('itl_p50_ms')} |"
+        before, after = r.get("gpu_before") or {}, r.get("gpu_after") or {}
+        errors = [x["error"] for x in (before, after) if x.get("error")]
+        if errors:
+            lines.append(f"{head} error: {'; '.join(errors)} |" + " |" * 6)
+            continue
+        after_by_gpu = {g.get("index"): g for g in after.get("gpus", [])}
+        for g in before.get("gpus", []):
+            a = after_by_gpu.get(g.get("index"), {})
+            cells = []
+            for col in cols:
+                x, y = (v if v is not None else "-" for v in (g.get(col), a.get(col)))
+                if col == "throttle":
+                    x, y = throttle_names(x), throttle_names(y)
+                cells.append(f"{x} -> {y}")
+            lines.append(f"{head} {g.get('index')} | {' | '.join(cells)} |")
+    return lines
+
+
 def render(data: dict) -> str:
     m = data.get("machine", {})
     lines = [
@@ -705,6 +871,7 @@ def render(data: dict) -> str:
                 f"| {label} | {s:.1f} | {p:.1f} | {r['ratio']:.4f} | "
                 f"{r['ci95'][0]:.4f}-{r['ci95'][1]:.4f} | {r['half_width_pct']:.2f} |"
             )
+        lines += render_per_request(data.get("ratios", {}))
         lines += [
             "",
             "## Rounds",
@@ -720,6 +887,7 @@ def render(data: dict) -> str:
                 f"{s['ttft_p50_ms']} | {s['ttft_p90_ms']} | {s['itl_p50_ms']} | "
                 f"{s['seconds']} | {s['failed']} | {s['short']} |"
             )
+        lines += render_gpu_state(rounds)
     bw = data.get("nccl_bw") or {}
     probe = data.get("transfer_probe") or {}
     if bw.get("rows") or probe.get("rows"):

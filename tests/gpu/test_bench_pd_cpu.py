@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
 import sys
 import time
@@ -455,3 +456,198 @@ def test_sample_gpus_one_call_and_never_raises(tmp_path, monkeypatch):
     ]
     failed = bench_pd.sample_gpus(["0"], {"pstate": "pstate"})
     assert failed["error"] == "bad field" and "gpus" not in failed
+
+
+def _req(index, ttft, tpot=10.0, ok=True, prompt_tokens=1024):
+    return {
+        "index": index,
+        "prompt_tokens": prompt_tokens,
+        "offset_s": 0.1 * index,
+        "ok": ok,
+        "ttft_ms": ttft,
+        "latency_ms": None if tpot is None else ttft + 127 * tpot,
+        "output_tokens": 128,
+        "itl_p50_ms": tpot,
+        "tpot_ms": tpot,
+    }
+
+
+def _round_with_requests(pair, tree, requests):
+    r = _round(pair, tree, 100.0, 50.0)
+    r["requests"] = requests
+    return r
+
+
+def test_request_pairs_match_by_index_and_drop_failures():
+    rounds = [
+        _round_with_requests(
+            0,
+            "stock",
+            [_req(0, 100.0), _req(1, 110.0, ok=False), _req(2, 120.0), _req(3, 130.0)],
+        ),
+        _round_with_requests(  # listed in another order: matched by index
+            0,
+            "patched",
+            [
+                _req(3, 131.0, tpot=None),
+                _req(2, 122.0, ok=False),
+                _req(1, 111.0),
+                _req(0, 101.0),
+            ],
+        ),
+        _round(1, "stock", 100.0, 50.0),  # an old-style pair: no requests
+        _round(1, "patched", 100.0, 50.0),
+        _round_with_requests(2, "patched", [_req(0, 90.0)]),  # cut short
+        _round_with_requests(3, "stock", [_req(0, 80.0, ok=False)]),
+        _round_with_requests(3, "patched", [_req(0, 81.0)]),  # nothing left
+    ]
+    assert bench_pd.request_pairs(rounds, "ttft_ms") == [
+        [(100.0, 101.0), (130.0, 131.0)]
+    ]
+    assert bench_pd.request_pairs(rounds, "tpot_ms") == [[(10.0, 10.0)]]
+    other = [
+        _round_with_requests(0, "stock", [_req(0, 100.0, prompt_tokens=1024)]),
+        _round_with_requests(0, "patched", [_req(0, 100.0, prompt_tokens=2048)]),
+    ]
+    with pytest.raises(ValueError, match="prompt tokens"):
+        bench_pd.request_pairs(other, "ttft_ms")
+
+
+def test_per_request_ratio_is_exp_of_mean_log_ratio_per_pair():
+    rounds = [
+        # pair 0: ratios 2 and 1/2 -> mean log 0
+        _round_with_requests(0, "stock", [_req(0, 100.0, 10.0), _req(1, 100.0, 10.0)]),
+        _round_with_requests(0, "patched", [_req(0, 200.0, 10.0), _req(1, 50.0, 10.0)]),
+        # pair 1: three requests of ratio 1.1 -> mean log = log 1.1; TPOT x1.21
+        _round_with_requests(
+            1, "patched", [_req(i, 110.0 + 11 * i, 12.1) for i in range(3)]
+        ),
+        _round_with_requests(
+            1, "stock", [_req(i, 100.0 + 10 * i, 10.0) for i in range(3)]
+        ),
+    ]
+    r = bench_pd.ratios(rounds, resamples=200)
+    ttft = r["ttft_per_request"]
+    # Each pair weighs alike: exp((0 + log 1.1) / 2), not 1.1 ** (3 / 5) as
+    # with each request alike, nor the ratio of means (1.16).
+    assert ttft["ratio"] == round(1.1**0.5, 4)
+    assert (ttft["pairs"], ttft["requests"], ttft["resamples"]) == (2, 5, 200)
+    assert r["tpot_per_request"]["ratio"] == 1.1  # exp((0 + log 1.21) / 2)
+    assert r["ttft_p50_ms"]["ratio"] == 1.0  # the summaries (all alike) stay apart
+    lo, hi = ttft["ci95"]
+    assert lo == 1.0 and hi == 1.1  # a resample of two pairs: m0 twice or m1 twice
+
+
+def test_per_request_ci_brackets_the_ratio_narrows_with_pairs_resamples_pairs():
+    rng = random.Random(2)
+
+    def groups(pairs, requests=16):
+        out = []
+        for _ in range(pairs):
+            drift = rng.gauss(0, 0.02)  # the pair's own state, both trees alike
+            out.append(
+                [
+                    (s, s * 0.97 * math.exp(drift + rng.gauss(0, 0.05)))
+                    for s in (rng.choice([100.0, 800.0]) for _ in range(requests))
+                ]
+            )
+        return out
+
+    few, many = groups(4), groups(64)
+    r_few = bench_pd.bootstrap_log_ratio(few, resamples=2000)
+    r_many = bench_pd.bootstrap_log_ratio(many, resamples=2000)
+    for r in (r_few, r_many):
+        lo, hi = r["ci95"]
+        assert lo <= r["ratio"] <= hi
+    assert r_many["half_width_pct"] < r_few["half_width_pct"]
+    assert r_many["ci95"][0] < 0.97 < r_many["ci95"][1]  # the true ratio
+    assert bench_pd.bootstrap_log_ratio(few, resamples=2000) == r_few
+    assert bench_pd.bootstrap_log_ratio([]) is None
+    same = bench_pd.bootstrap_log_ratio([[(10.0, 10.0)] * 3] * 5, resamples=100)
+    assert same["ratio"] == 1.0 and same["ci95"] == [1.0, 1.0]
+    # Pairs, not requests, are resampled: ten copies of each request add no
+    # information about drift between rounds and leave the interval as it is.
+    tenfold = [g * 10 for g in few]
+    r_ten = bench_pd.bootstrap_log_ratio(tenfold, resamples=2000)
+    assert r_ten["ci95"] == r_few["ci95"] and r_ten["requests"] == 10 * 64
+
+
+def test_per_request_ci_covers_the_true_ratio_about_95_percent():
+    """Fixed seeds: 300 simulated runs of 16 pairs with pair-level drift."""
+    rng = random.Random(3)
+    covered = 0
+    for _ in range(300):
+        groups = []
+        for _ in range(16):
+            drift = rng.gauss(0, 0.02)
+            groups.append(
+                [(100.0, 100.0 * 0.98 * math.exp(drift + rng.gauss(0, 0.03)))] * 4
+            )
+        lo, hi = bench_pd.bootstrap_log_ratio(groups, resamples=400)["ci95"]
+        covered += lo <= 0.98 <= hi
+    # A percentile bootstrap of 16 pairs covers a bit under 95%; an 80%
+    # interval would cover about 80%.
+    assert 0.88 <= covered / 300 <= 0.99
+
+
+def _write_run(path, rounds, workload="w"):
+    path.write_text(json.dumps({"workload": workload, "rounds": rounds}))
+    return path
+
+
+def test_bench_combine_old_runs_without_requests_and_mixed_with_new(tmp_path, capsys):
+    import bench_combine
+
+    old = [
+        _round(k, t, 100.0 + k, 50.0) for k in range(3) for t in ("stock", "patched")
+    ]
+    a = _write_run(tmp_path / "a.json", old)
+    b = _write_run(tmp_path / "b.json", old)
+    assert bench_combine.main([str(a), str(b), "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| output tokens/s | 1.0000 | 1.0000-1.0000 | 0.00 | 6 |" in out
+    assert "| TTFT p50 (ms) | 1.0000 |" in out
+    assert "per-request" not in out
+    new = [
+        _round_with_requests(k, t, [_req(0, 100.0 if t == "stock" else 105.0)])
+        for k in range(2)
+        for t in ("stock", "patched")
+    ]
+    c = _write_run(tmp_path / "c.json", new)
+    assert bench_combine.main([str(a), str(c), "--resamples", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "| output tokens/s | 1.0000 | 1.0000-1.0000 | 0.00 | 5 |" in out
+    assert "| TTFT (per-request paired) | 1.0500 | 1.0500-1.0500 | 0.00 | 2 |" in out
+    assert "| TPOT (per-request paired) | 1.0000 |" in out
+
+
+def test_report_shows_per_request_and_gpu_state_only_when_recorded(tmp_path):
+    old = {"rounds": [_round(0, t, 100.0, 50.0) for t in ("stock", "patched")]}
+    bench_pd.save(tmp_path, old, resamples=100)
+    md = (tmp_path / "bench_pd.md").read_text()
+    saved = json.loads((tmp_path / "bench_pd.json").read_text())
+    assert "per-request" not in md.lower() and "GPU state" not in md
+    assert "ttft_per_request" not in saved["ratios"]
+    gpu = {"index": 0, "sm_mhz": 1980, "mem_mhz": 3201, "pstate": "P0"}
+    rounds = []
+    for tree, ttft in (("stock", 100.0), ("patched", 102.0)):
+        r = _round_with_requests(0, tree, [_req(0, ttft)])
+        r["start_unix_s"] = 86400.0 + 61  # 00:01:01 UTC
+        r["gpu_before"] = {"unix_s": 1.0, "gpus": [dict(gpu, throttle="0x1")]}
+        r["gpu_after"] = {
+            "unix_s": 2.0,
+            "gpus": [dict(gpu, sm_mhz=1755, throttle="0x24")],
+        }
+        rounds.append(r)
+    rounds[1]["gpu_after"] = {"unix_s": 2.0, "error": "nvidia-smi: gone"}
+    bench_pd.save(tmp_path, {"rounds": rounds}, resamples=100)
+    md = (tmp_path / "bench_pd.md").read_text()
+    saved = json.loads((tmp_path / "bench_pd.json").read_text())
+    assert saved["ratios"]["ttft_per_request"]["ratio"] == 1.02
+    assert saved["rounds"][0]["requests"] == rounds[0]["requests"]
+    assert "| TTFT (per-request paired) | 1.0200 | 1.0200-1.0200 | 0.00 | 1 | 1 |" in md
+    assert (
+        "| 0 | stock | 00:01:01 | 10.0 | 0 | 1980 -> 1755 | 3201 -> 3201 | - -> - "
+        "| - -> - | P0 -> P0 | idle -> sw-power-cap+sw-thermal |"
+    ) in md
+    assert "| 1 | patched | 00:01:01 | 10.0 | error: nvidia-smi: gone |" in md
