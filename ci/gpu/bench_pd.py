@@ -48,8 +48,14 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import common
-from common import servers
+try:
+    import common
+    from common import servers
+except ImportError as exc:  # no aiohttp: the stats still serve bench_combine.py
+    common = servers = None  # type: ignore[assignment]
+    _CLIENT_MISSING: ImportError | None = exc
+else:
+    _CLIENT_MISSING = None
 
 logger = logging.getLogger("bench_pd")
 
@@ -1136,6 +1142,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    if _CLIENT_MISSING is not None:
+        raise SystemExit(f"bench_pd.py needs the GPU tier's client: {_CLIENT_MISSING}")
     t_start = time.monotonic()
     args = parse_args(argv)
     common.start_logging()

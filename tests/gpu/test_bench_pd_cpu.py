@@ -651,3 +651,21 @@ def test_report_shows_per_request_and_gpu_state_only_when_recorded(tmp_path):
         "| - -> - | P0 -> P0 | idle -> sw-power-cap+sw-thermal |"
     ) in md
     assert "| 1 | patched | 00:01:01 | 10.0 | error: nvidia-smi: gone |" in md
+
+
+def test_bench_combine_runs_without_the_gpu_client(tmp_path):
+    """Pooling result files needs no aiohttp (a bare python3 elsewhere)."""
+    import subprocess
+
+    rounds = [_round(k, t, 100.0, 50.0) for k in range(2) for t in ("stock", "patched")]
+    run = _write_run(tmp_path / "a.json", rounds)
+    code = (
+        "import sys; sys.modules['aiohttp'] = None; "  # import aiohttp fails
+        f"sys.path.insert(0, {str(ROOT / 'ci' / 'gpu')!r}); "
+        f"import bench_combine; sys.exit(bench_combine.main([{str(run)!r}]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "| output tokens/s | 1.0000 |" in proc.stdout
