@@ -15,6 +15,7 @@ and ``ParentRequest.get_child_info`` for n > 1, from one proxy-format id.
 from __future__ import annotations
 
 import copy
+import os
 import uuid
 from dataclasses import dataclass, field
 
@@ -57,8 +58,9 @@ MAX_NUM_BATCHED_TOKENS = 128
 LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
 KV_WIDTH = 4  # per token: token id, position, layer index, request tag
 VOCAB = 1000
-PREFILL_KV_PORT = 21001
-DECODE_KV_PORT = 22001
+# The real-ZMQ tests bind these; another port lets two runs share a machine.
+PREFILL_KV_PORT = int(os.environ.get("CPU_TIER_KV_PORT", "21001"))
+DECODE_KV_PORT = PREFILL_KV_PORT + 1000
 
 
 def set_randomization(monkeypatch, randomization: str) -> None:
