@@ -11,7 +11,9 @@ sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
   share a unique id (it blocks until the other rank joins, as NCCL does, up
   to ``HANDSHAKE_TIMEOUT_S``, then raises instead of hanging the test);
 - ``send``/``recv`` (``ncclSend``/``ncclRecv`` plus a stream sync): a queue
-  per communicator and direction;
+  per communicator and direction; a send returns once the peer's recv took
+  the tensor, as an NCCL send of KV-sized data does (after
+  ``RECV_TIMEOUT_S`` either side raises instead of hanging the test);
 - CUDA streams and the pinned memory pool; tensors live on the CPU.
 
 ``kill()`` ends an engine as a killed process ends: its listener stops and
@@ -40,8 +42,8 @@ RECV_TIMEOUT_S = 10.0
 class FakeComm:
     def __init__(self) -> None:
         self.barrier = threading.Barrier(2)
-        # rank -> tensors sent to it
-        self.inbox: dict[int, queue.Queue[torch.Tensor]] = {
+        # rank -> tensors sent to it, each with an event set once received
+        self.inbox: dict[int, queue.Queue[tuple[torch.Tensor, threading.Event]]] = {
             0: queue.Queue(),
             1: queue.Queue(),
         }
@@ -118,6 +120,8 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self._killed = threading.Event()
         # send_sync results: (tensor_id, sent) in the order the sends returned
         self.send_results: list[tuple[str, bool]] = []
+        # NCCL sends and recvs entered so far
+        self.nccl_calls = {"send": 0, "recv": 0}
         super().__init__(local_rank, config, HOST, port_offset, **kwargs)
         self.device = torch.device("cpu")
         ZmqP2pEngine.live.append(self)
@@ -136,10 +140,20 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
 
     # ---- the NCCL wire
     def send(self, comm: FakeComm, tensor: torch.Tensor, dst: int, stream=None):
-        comm.inbox[dst].put(tensor.clone())
+        self.nccl_calls["send"] += 1
+        received = threading.Event()
+        comm.inbox[dst].put((tensor.clone(), received))
+        if not received.wait(RECV_TIMEOUT_S):
+            raise TimeoutError("ncclSend: the peer never posted the matching recv")
 
     def recv(self, comm: FakeComm, tensor: torch.Tensor, src: int, stream=None):
-        tensor.copy_(comm.inbox[src ^ 1].get(timeout=RECV_TIMEOUT_S))
+        self.nccl_calls["recv"] += 1
+        try:
+            sent, received = comm.inbox[src ^ 1].get(timeout=RECV_TIMEOUT_S)
+        except queue.Empty:
+            raise TimeoutError("ncclRecv: the peer never sent") from None
+        tensor.copy_(sent)
+        received.set()
 
     def pause_listener(self) -> None:
         """Leave what arrives unread until resume_listener (a busy listener)."""
