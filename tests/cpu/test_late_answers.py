@@ -1,0 +1,213 @@
+"""A peer that answers after the timeout leaves the pair working.
+
+The two engines talk over vLLM's real ZMQ control plane (``zmq_wire``); an
+NCCL send returns once the peer's recv took the tensor, as it does for KV.
+A PUT or GET is answered by the peer's listener, which then waits in
+ncclRecv (PUT) or ncclSend (GET) for the transfer it agreed to. When the
+asking side gave up before that answer came (``send_timeout_s`` for a PUT,
+the load's ``recv_timeout_s`` for a GET), the series as it was dropped or
+replaced the socket and left the peer's listener waiting for good: later
+transfers between the pair got no answer, and a GET consumer's new NCCL
+handshake with that producer blocked. Patched, the asking side keeps the
+socket and the communicator, reads the late answers in order and does the
+transfers they agreed to (the data is dropped), and a producer that is gone
+costs one timeout, not a handshake that never ends.
+"""
+
+import itertools
+import logging
+import threading
+import time
+
+import pytest
+from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
+
+from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, expected_kv
+from .test_dead_consumer import decode, run_prefill, sends_of
+from .test_reliability import assert_reference_text
+from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
+from .zmq_wire import zmq_wire  # noqa: F401
+
+SEND_TIMEOUT_S = 0.2
+RECV_TIMEOUT_S = 1.0
+# Far above the timeouts: what is not done by then is stuck.
+STUCK_S = 10.0
+OPTIONS = {
+    "send_timeout_s": SEND_TIMEOUT_S,
+    "recv_timeout_s": RECV_TIMEOUT_S,
+    "kv_load_failure_policy": "recompute",
+}
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + STUCK_S
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def loaded(engine: PDEngine, req_id: str, prompt: list[int]) -> bool:
+    """Whether the request's KV came from the producer (not recomputed)."""
+    kv = engine.loaded_kv.get(req_id)
+    return kv is not None and all(
+        kv[layer].equal(expected_kv(prompt[:-1], i)) for i, layer in enumerate(LAYERS)
+    )
+
+
+def decode_without_kv(engine: PDEngine, external_id: str, prompt: list[int]):
+    """Decode a request whose KV did not arrive: it is computed in full."""
+    completion = engine.add_request(external_id, prompt, DECODE_MAX_TOKENS)
+    done = threading.Event()
+
+    def steps():
+        engine.run_until_idle()
+        done.set()
+
+    threading.Thread(target=steps, daemon=True).start()
+    assert done.wait(STUCK_S + RECV_TIMEOUT_S), "the decode engine's step is stuck"
+    assert_reference_text(completion, prompt)
+
+
+class GetTimeouts(logging.Handler):
+    """The consumer's warnings that a producer did not answer a GET in time."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.tensor_ids: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("[GET] No answer"):
+            self.tensor_ids.append(record.args[1])
+
+
+@pytest.fixture
+def get_timeouts():
+    handler = GetTimeouts()
+    engine_logger = logging.getLogger(p2p_nccl_engine.__name__)
+    engine_logger.addHandler(handler)
+    yield handler
+    engine_logger.removeHandler(handler)
+
+
+def connected_pair(model_dir: str, send_type: str) -> tuple[PDEngine, PDEngine]:
+    """A producer and a consumer that have transferred one request."""
+    prefill = PDEngine(model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **OPTIONS)
+    consumer = PDEngine(model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **OPTIONS)
+    prompt = make_prompt(1, 37)
+    first = run_prefill(prefill, prompt)
+    if send_type != "GET":
+        assert sends_of(prefill.transport, first) == [True] * len(LAYERS)
+    decode(consumer, first, prompt)
+    return prefill, consumer
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_producer_sends_what_a_late_put_answer_agreed_to(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    prefill, consumer = connected_pair(tiny_model_dir, send_type)
+    producer = prefill.transport
+
+    # The consumer's listener is busy past the producer's timeout.
+    consumer.transport.pause_listener()
+    late_prompt = make_prompt(2, 30)
+    late = run_prefill(prefill, late_prompt)
+    assert sends_of(producer, late) == [False] * len(LAYERS)
+
+    # It reads the PUT, answers it and waits in ncclRecv for the tensor.
+    recvs = consumer.transport.nccl_calls["recv"]
+    consumer.transport.resume_listener()
+    wait_for(
+        lambda: consumer.transport.nccl_calls["recv"] > recvs,
+        "the consumer to answer the late PUT",
+    )
+
+    # The next request's KV is transferred and loaded.
+    prompt = make_prompt(3, 45)
+    after = run_prefill(prefill, prompt)
+    assert sends_of(producer, after) == [True] * len(LAYERS), (
+        "the consumer's listener still waits for the tensor of the late PUT"
+    )
+    # The late request got a part of its KV: it is computed in full.
+    decode_without_kv(consumer, late, late_prompt)
+    decode(consumer, after, prompt)
+    assert consumer.transport._listener_thread.is_alive()
+    assert producer.unanswered == {}
+
+
+def test_consumer_receives_what_a_late_get_answer_agreed_to(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    get_timeouts,
+):
+    prefill, consumer = connected_pair(tiny_model_dir, "GET")
+    producer = prefill.transport
+
+    # The producer's listener is busy past the consumer's load deadline.
+    producer.pause_listener()
+    late_prompt = make_prompt(2, 30)
+    late = run_prefill(prefill, late_prompt)
+    decode_without_kv(consumer, late, late_prompt)
+    assert len(get_timeouts.tensor_ids) == 1
+
+    # It reads the GET, answers it and waits in ncclSend with the tensor.
+    sends = producer.nccl_calls["send"]
+    producer.resume_listener()
+    wait_for(
+        lambda: producer.nccl_calls["send"] > sends,
+        "the producer to answer the late GET",
+    )
+
+    # The next request's KV is transferred and loaded.
+    prompt = make_prompt(3, 45)
+    after = run_prefill(prefill, prompt)
+    decode(consumer, after, prompt)
+    assert producer._listener_thread.is_alive()
+    assert consumer.transport.unanswered == {}
+    assert len(get_timeouts.tensor_ids) == 1
+
+
+def test_consumer_does_not_wait_again_for_a_dead_producer(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    get_timeouts,
+):
+    prefill, consumer = connected_pair(tiny_model_dir, "GET")
+
+    # The prefill engine dies after two more prefills.
+    prompts = [make_prompt(2, 30), make_prompt(3, 22)]
+    lost = [run_prefill(prefill, prompt) for prompt in prompts]
+    prefill.transport.kill()
+
+    # The first load waits for the deadline; the next one does not wait for
+    # an answer or a new NCCL handshake with the dead producer.
+    for external_id, prompt in zip(lost, prompts, strict=True):
+        decode_without_kv(consumer, external_id, prompt)
+    (timed_out,) = get_timeouts.tensor_ids
+    assert lost[0] in timed_out
+
+    # A prefill engine restarted at the same address is connected again.
+    restarted = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, "GET", **OPTIONS
+    )
+    # ZMQ notices it within its reconnect interval (0.1 s); loads before that
+    # fail at once, as while it was down.
+    deadline = time.monotonic() + STUCK_S
+    for n in itertools.count(4):
+        prompt = make_prompt(n, 41)
+        after = run_prefill(restarted, prompt)
+        completion = consumer.add_request(after, prompt, DECODE_MAX_TOKENS)
+        consumer.run_until_idle()
+        assert_reference_text(completion, prompt)
+        (req_id,) = completion.request_ids
+        if loaded(consumer, req_id, prompt) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert loaded(consumer, req_id, prompt), "the restarted producer's KV is not used"
+    prompt = make_prompt(1001, 33)
+    decode(consumer, run_prefill(restarted, prompt), prompt)
+    assert get_timeouts.tensor_ids == [timed_out], "the consumer waited again"
