@@ -14,7 +14,8 @@ sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
   per communicator and direction; a send returns once the peer's recv took
   the tensor, as an NCCL send of KV-sized data does (after
   ``RECV_TIMEOUT_S`` either side raises instead of hanging the test);
-- CUDA streams and the pinned memory pool; tensors live on the CPU.
+- CUDA streams and the pinned memory pool (``HostTensorMemoryPool`` for
+  tests that fill it); tensors live on the CPU.
 
 ``kill()`` ends an engine as a killed process ends: its listener stops and
 its ROUTER socket closes, so nothing listens at its address any more.
@@ -89,23 +90,81 @@ class FakeTensorMemoryPool:
         raise AssertionError("the tests keep received KV under kv_buffer_size")
 
 
+def _round_to_power_of_two(size: int) -> int:
+    return 1 << (size - 1).bit_length()
+
+
+class HostTensorMemoryPool:
+    """vLLM's TensorMemoryPool on the CPU, with its capacity and its errors,
+    for tests that fill it (patch it in as p2p_nccl_engine.TensorMemoryPool).
+
+    Blocks are a power of two bytes, at least min_block_size, out of
+    max_block_size; a store that does not fit raises ValueError ("Insufficient
+    memory", or "Requested size exceeds maximum block size"), as the real
+    pool's allocate does, and so does freeing an address it does not hold (a
+    double free).
+    """
+
+    def __init__(self, max_block_size: int, min_block_size: int = 512) -> None:
+        self.max_block_size = _round_to_power_of_two(max_block_size)
+        self.min_block_size = _round_to_power_of_two(min_block_size)
+        self.blocks: dict[int, tuple[int, torch.Tensor]] = {}  # addr: size, data
+        self._next_addr = 1
+
+    def allocated(self) -> int:
+        """Bytes in blocks not freed yet."""
+        return sum(size for size, _ in self.blocks.values())
+
+    def store_tensor(self, tensor: torch.Tensor) -> int:
+        size = _round_to_power_of_two(
+            max(tensor.element_size() * tensor.numel(), self.min_block_size)
+        )
+        if size > self.max_block_size:
+            raise ValueError("Requested size exceeds maximum block size")
+        if self.allocated() + size > self.max_block_size:
+            raise ValueError("Insufficient memory")
+        addr, self._next_addr = self._next_addr, self._next_addr + size
+        self.blocks[addr] = (size, tensor.clone())
+        return addr
+
+    def load_tensor(self, addr, dtype, shape, device) -> torch.Tensor:
+        if addr not in self.blocks:
+            raise ValueError("Invalid address to load")
+        return self.blocks[addr][1].clone().to(device)
+
+    def free(self, addr: int) -> None:
+        if addr not in self.blocks:
+            raise ValueError("Invalid address to free")
+        del self.blocks[addr]
+
+
 class _Killed(Exception):
     pass
 
 
 class _KillablePoller:
-    """The listener's zmq.Poller, which ends the listener once killed."""
+    """The listener's zmq.Poller, which ends the listener once killed.
+
+    As zmq.Poller.poll, it returns no events once the timeout (ms) passed.
+    """
 
     def __init__(self, poller: zmq.Poller, killed: threading.Event) -> None:
         self._poller, self._killed = poller, killed
         self.paused = threading.Event()  # set: the listener reads nothing
 
     def poll(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout / 1000
         while not self._killed.is_set():
             if self.paused.is_set():
                 self._killed.wait(0.01)
                 continue
-            events = self._poller.poll(50)
+            if deadline is None:
+                events = self._poller.poll(50)
+            else:
+                remaining_ms = (deadline - time.monotonic()) * 1000
+                events = self._poller.poll(max(0, min(50, int(remaining_ms))))
+                if not events and remaining_ms <= 0:
+                    return events
             if events:
                 return events
         raise _Killed
@@ -188,3 +247,7 @@ def zmq_wire(monkeypatch, world_group):
         engine = ZmqP2pEngine.live.pop()
         engine._killed.set()
         engine._listener_thread.join(5)
+        # A socket left with messages for a peer that is gone (killed, or its
+        # listener died) would block its context's term() in whatever thread
+        # collects the engine, in a later test.
+        engine.context.destroy(linger=0)
