@@ -213,6 +213,10 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self._awaited: dict[int, str] = {}  # thread ident -> key it waits for
         self.pool = None
         self.send_stream = _HostSendStream()
+        # The patched engine's late-answer bookkeeping (the PUT_ASYNC sender
+        # reads it); this wire answers at once, so it stays empty.
+        self.unanswered: dict[str, deque] = {}
+        self.reconnects: dict[str, int] = {}
         self.send_type = config.get_from_extra_config("send_type", "PUT_ASYNC")
         if self.send_type == "GET":
             self.send_store: dict[str, torch.Tensor] = {}
@@ -230,6 +234,13 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self.recv_refs: dict[str, int] = {}  # the patched engine's bookkeeping
         self.recv_unloaded: dict[str, int] = {}
         self.recv_dropped: dict[str, int] = {}
+        self.recv_deadlines: dict[str, float] = {}
+        self.recv_expired: dict[str, int] = {}
+        self.recv_expiry = float(
+            config.get_from_extra_config(
+                "recv_expiry_s", getattr(p2p_nccl_engine, "DEFAULT_RECV_EXPIRY_S", 0)
+            )
+        )
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.send_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.socks: dict[str, Any] = {}
