@@ -16,17 +16,20 @@ costs one timeout, not a handshake that never ends.
 
 import itertools
 import logging
+import os
 import threading
 import time
+from types import SimpleNamespace
 
+import msgpack
 import pytest
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
 from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, expected_kv
-from .test_dead_consumer import decode, run_prefill, sends_of
-from .test_reliability import assert_reference_text
+from .test_dead_consumer import decode, producer_connections, run_prefill, sends_of
+from .test_reliability import assert_loaded, assert_reference_text
 from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
-from .zmq_wire import zmq_wire  # noqa: F401
+from .zmq_wire import FakeNcclLibrary, zmq_wire  # noqa: F401
 
 SEND_TIMEOUT_S = 0.2
 RECV_TIMEOUT_S = 1.0
@@ -211,3 +214,47 @@ def test_consumer_does_not_wait_again_for_a_dead_producer(
     prompt = make_prompt(1001, 33)
     decode(consumer, run_prefill(restarted, prompt), prompt)
     assert get_timeouts.tensor_ids == [timed_out], "the consumer waited again"
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_consumer_listener_survives_a_producer_that_dies_mid_transfer(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    """A producer dies after the consumer answered its PUT and before it sent
+    the tensor. The consumer's listener waited in ncclRecv for good: no later
+    handshake or PUT was read (seen on two H200s: a prefill engine restarted
+    after a kill never connected). Patched, the transfer is aborted after
+    transfer_timeout_s, its KV counts as not received, and the listener
+    serves a prefill engine restarted at that address."""
+    options = dict(OPTIONS, transfer_timeout_s=0.5)
+    consumer = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options
+    )
+    unique_id = os.urandom(128)
+    with producer_connections(consumer.transport.zmq_address) as connect:
+        sock = connect()
+        sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
+        FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
+        put = {"cmd": "PUT", "tensor_id": "gone#layer", "shape": [2, 4]}
+        sock.send(msgpack.dumps(dict(put, dtype="float32")))
+        assert sock.poll(5000) and sock.recv() == b"0"
+    # The producer is gone; the consumer's listener waits for the tensor.
+
+    prefill = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **options
+    )
+    prompt = make_prompt(2, 30)
+    after = run_prefill(prefill, prompt)
+    assert sends_of(prefill.transport, after) == [True] * len(LAYERS), (
+        "the consumer's listener still waits for the dead producer's tensor"
+    )
+    completion = consumer.add_request(after, prompt, DECODE_MAX_TOKENS)
+    consumer.run_until_idle()
+    (req_id,) = completion.request_ids
+    assert_loaded(consumer, req_id, prompt)
+    assert_reference_text(completion, prompt)
+    with consumer.transport.recv_store_cv:
+        assert consumer.transport.recv_store["gone#layer"] is None
+    assert consumer.transport._listener_thread.is_alive()

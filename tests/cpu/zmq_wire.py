@@ -50,6 +50,31 @@ class FakeComm:
         }
 
 
+class FakeCommEnd:
+    """One rank's handle on a FakeComm; ncclCommAbort aborts only this end."""
+
+    def __init__(self, comm: FakeComm) -> None:
+        self.inbox = comm.inbox
+        self.aborted = threading.Event()
+
+
+class _PendingTransfer:
+    """A send or recv queued on a fake stream: synchronize() returns once it
+    is done or its communicator end was aborted (ncclCommAbort), and raises
+    after RECV_TIMEOUT_S instead of hanging the test."""
+
+    def __init__(self, comm: FakeCommEnd, step, what: str) -> None:
+        self.comm, self.step, self.what = comm, step, what
+
+    def synchronize(self) -> None:
+        deadline = time.monotonic() + RECV_TIMEOUT_S
+        while not self.step(0.01):
+            if self.comm.aborted.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(self.what)
+
+
 class FakeNcclLibrary:
     """The part of vLLM's NCCLLibrary that P2pNcclEngine calls for setup."""
 
@@ -71,7 +96,10 @@ class FakeNcclLibrary:
             comm = self._comms.setdefault(bytes(unique_id.internal), FakeComm())
         # Blocks until the other rank joins, as NCCL does.
         comm.barrier.wait(HANDSHAKE_TIMEOUT_S)
-        return comm
+        return FakeCommEnd(comm)
+
+    def ncclCommAbort(self, comm: FakeCommEnd) -> None:
+        comm.aborted.set()
 
 
 class FakeStream:
@@ -198,21 +226,37 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         return sent
 
     # ---- the NCCL wire
-    def send(self, comm: FakeComm, tensor: torch.Tensor, dst: int, stream=None):
+    def send(self, comm: FakeCommEnd, tensor: torch.Tensor, dst: int, stream=None):
         self.nccl_calls["send"] += 1
         received = threading.Event()
         comm.inbox[dst].put((tensor.clone(), received))
-        if not received.wait(RECV_TIMEOUT_S):
-            raise TimeoutError("ncclSend: the peer never posted the matching recv")
+        self._wait(
+            comm,
+            _PendingTransfer(
+                comm, received.wait, "ncclSend: the peer never posted the recv"
+            ),
+        )
 
-    def recv(self, comm: FakeComm, tensor: torch.Tensor, src: int, stream=None):
+    def recv(self, comm: FakeCommEnd, tensor: torch.Tensor, src: int, stream=None):
         self.nccl_calls["recv"] += 1
-        try:
-            sent, received = comm.inbox[src ^ 1].get(timeout=RECV_TIMEOUT_S)
-        except queue.Empty:
-            raise TimeoutError("ncclRecv: the peer never sent") from None
-        tensor.copy_(sent)
-        received.set()
+
+        def step(timeout: float) -> bool:
+            try:
+                sent, received = comm.inbox[src ^ 1].get(timeout=timeout)
+            except queue.Empty:
+                return False
+            tensor.copy_(sent)
+            received.set()
+            return True
+
+        self._wait(comm, _PendingTransfer(comm, step, "ncclRecv: the peer never sent"))
+
+    def _wait(self, comm: FakeCommEnd, pending: _PendingTransfer) -> None:
+        """The engine's wait for a transfer on its stream (bounded from 0012 on)."""
+        if hasattr(self, "wait_for_transfer"):
+            self.wait_for_transfer(comm, pending)
+        else:
+            pending.synchronize()
 
     def pause_listener(self) -> None:
         """Leave what arrives unread until resume_listener (a busy listener)."""
