@@ -25,6 +25,7 @@ import msgpack
 import pytest
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
+from . import zmq_wire as wire
 from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, expected_kv
 from .test_dead_consumer import decode, producer_connections, run_prefill, sends_of
 from .test_reliability import assert_loaded, assert_reference_text
@@ -257,4 +258,36 @@ def test_consumer_listener_survives_a_producer_that_dies_mid_transfer(
     assert_reference_text(completion, prompt)
     with consumer.transport.recv_store_cv:
         assert consumer.transport.recv_store["gone#layer"] is None
+    assert consumer.transport._listener_thread.is_alive()
+
+
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_consumer_listener_survives_a_producer_that_dies_in_its_handshake(
+    zmq_wire,  # noqa: F811
+    monkeypatch,
+    tiny_model_dir,
+    send_type,
+):
+    """A producer dies after it asked for an NCCL handshake (NEW) and before
+    it joined. ncclCommInitRank fails on the consumer; the exception ended
+    its listener (seen on two H200s: prefill killed during its first
+    transfer, and the restarted one never got an answer). Patched, the
+    listener logs it and serves a prefill engine restarted at that address."""
+    monkeypatch.setattr(wire, "HANDSHAKE_TIMEOUT_S", 0.5)
+    consumer = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **OPTIONS
+    )
+    with producer_connections(consumer.transport.zmq_address) as connect:
+        connect().send(msgpack.dumps({"cmd": "NEW", "unique_id": os.urandom(128)}))
+        time.sleep(1.0)  # past the consumer's failed handshake
+
+    prefill = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **OPTIONS
+    )
+    prompt = make_prompt(2, 30)
+    after = run_prefill(prefill, prompt)
+    assert sends_of(prefill.transport, after) == [True] * len(LAYERS), (
+        "the consumer's listener did not survive the failed handshake"
+    )
+    decode(consumer, after, prompt)
     assert consumer.transport._listener_thread.is_alive()

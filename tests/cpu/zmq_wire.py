@@ -94,8 +94,14 @@ class FakeNcclLibrary:
         assert world_size == 2
         with self._lock:
             comm = self._comms.setdefault(bytes(unique_id.internal), FakeComm())
-        # Blocks until the other rank joins, as NCCL does.
-        comm.barrier.wait(HANDSHAKE_TIMEOUT_S)
+        # Blocks until the other rank joins, as NCCL does; fails as NCCL does
+        # when the other rank's process is gone.
+        try:
+            comm.barrier.wait(HANDSHAKE_TIMEOUT_S)
+        except threading.BrokenBarrierError:
+            raise RuntimeError(
+                "NCCL error: remote process exited or there was a network error"
+            ) from None
         return FakeCommEnd(comm)
 
     def ncclCommAbort(self, comm: FakeCommEnd) -> None:
