@@ -104,8 +104,19 @@ class FakeNcclLibrary:
             ) from None
         return FakeCommEnd(comm)
 
-    def ncclCommAbort(self, comm: FakeCommEnd) -> None:
-        comm.aborted.set()
+    class _Abort:
+        """ncclCommAbort as the engine calls it, from the library (ctypes)."""
+
+        restype = argtypes = None
+
+        def __call__(self, comm: FakeCommEnd) -> int:
+            comm.aborted.set()
+            return 0
+
+    lib = {"ncclCommAbort": _Abort()}
+
+    def NCCL_CHECK(self, result: int) -> None:
+        assert result == 0
 
 
 class FakeStream:
