@@ -43,15 +43,29 @@ def run_prefill(prefill: PDEngine, prompt: list[int]) -> str:
     """
     external_id = proxy_request_id()
     prefill.add_request(external_id, prompt, 1)
+    run_until_idle_within(
+        prefill, STUCK_S, "the prefill engine's step is stuck in a send"
+    )
+    return external_id
+
+
+def run_until_idle_within(engine: PDEngine, timeout: float, failure: str) -> None:
+    """engine.run_until_idle() in a thread: fail, not hang, if it is stuck;
+    an error in it is raised here."""
     done = threading.Event()
+    errors: list[BaseException] = []
 
     def steps():
-        prefill.run_until_idle()
+        try:
+            engine.run_until_idle()
+        except BaseException as e:  # shown in the test's thread
+            errors.append(e)
         done.set()
 
     threading.Thread(target=steps, daemon=True).start()
-    assert done.wait(STUCK_S), "the prefill engine's step is stuck in a send"
-    return external_id
+    assert done.wait(timeout), failure
+    if errors:
+        raise errors[0]
 
 
 def sends_of(engine, external_id: str, timeout: float = STUCK_S) -> list[bool]:
@@ -79,25 +93,36 @@ def sends_of(engine, external_id: str, timeout: float = STUCK_S) -> list[bool]:
     return sent
 
 
-class SendTimeouts(logging.Handler):
-    """The producer's warnings that a consumer did not answer a PUT in time."""
+class NoAnswerWarnings(logging.Handler):
+    """The engine's warnings that a peer did not answer in time, one kind
+    ("[PUT] No answer", "[GET] No answer"): their tensor ids."""
 
-    def __init__(self) -> None:
+    def __init__(self, prefix: str) -> None:
         super().__init__(logging.WARNING)
+        self.prefix = prefix
         self.tensor_ids: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("[PUT] No answer"):
+        if record.getMessage().startswith(self.prefix):
             self.tensor_ids.append(record.args[1])
+
+
+@contextlib.contextmanager
+def no_answer_warnings(prefix: str):
+    handler = NoAnswerWarnings(prefix)
+    engine_logger = logging.getLogger(p2p_nccl_engine.__name__)
+    engine_logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        engine_logger.removeHandler(handler)
 
 
 @pytest.fixture
 def send_timeouts():
-    handler = SendTimeouts()
-    engine_logger = logging.getLogger(p2p_nccl_engine.__name__)
-    engine_logger.addHandler(handler)
-    yield handler
-    engine_logger.removeHandler(handler)
+    """The producer's warnings that a consumer did not answer a PUT in time."""
+    with no_answer_warnings("[PUT] No answer") as handler:
+        yield handler
 
 
 def decode(engine: PDEngine, external_id: str, prompt: list[int]):

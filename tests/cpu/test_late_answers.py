@@ -15,19 +15,24 @@ costs one timeout, not a handshake that never ends.
 """
 
 import itertools
-import logging
 import os
-import threading
 import time
 from types import SimpleNamespace
 
 import msgpack
 import pytest
-from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
 from . import zmq_wire as wire
 from .pd import DECODE_KV_PORT, LAYERS, PREFILL_KV_PORT, PDEngine, expected_kv
-from .test_dead_consumer import decode, producer_connections, run_prefill, sends_of
+from .test_dead_consumer import (
+    decode,
+    no_answer_warnings,
+    producer_connections,
+    run_prefill,
+    run_until_idle_within,
+    sends_of,
+)
+from .test_load_failures import wait_for
 from .test_reliability import assert_loaded, assert_reference_text
 from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
 from .zmq_wire import FakeNcclLibrary, zmq_wire  # noqa: F401
@@ -45,13 +50,6 @@ OPTIONS = {
 pytestmark = pytest.mark.timeout(90)
 
 
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + STUCK_S
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def loaded(engine: PDEngine, req_id: str, prompt: list[int]) -> bool:
     """Whether the request's KV came from the producer (not recomputed)."""
     kv = engine.loaded_kv.get(req_id)
@@ -63,36 +61,29 @@ def loaded(engine: PDEngine, req_id: str, prompt: list[int]) -> bool:
 def decode_without_kv(engine: PDEngine, external_id: str, prompt: list[int]):
     """Decode a request whose KV did not arrive: it is computed in full."""
     completion = engine.add_request(external_id, prompt, DECODE_MAX_TOKENS)
-    done = threading.Event()
-
-    def steps():
-        engine.run_until_idle()
-        done.set()
-
-    threading.Thread(target=steps, daemon=True).start()
-    assert done.wait(STUCK_S + RECV_TIMEOUT_S), "the decode engine's step is stuck"
+    run_until_idle_within(
+        engine, STUCK_S + RECV_TIMEOUT_S, "the decode engine's step is stuck"
+    )
     assert_reference_text(completion, prompt)
-
-
-class GetTimeouts(logging.Handler):
-    """The consumer's warnings that a producer did not answer a GET in time."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.tensor_ids: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith("[GET] No answer"):
-            self.tensor_ids.append(record.args[1])
 
 
 @pytest.fixture
 def get_timeouts():
-    handler = GetTimeouts()
-    engine_logger = logging.getLogger(p2p_nccl_engine.__name__)
-    engine_logger.addHandler(handler)
-    yield handler
-    engine_logger.removeHandler(handler)
+    """The consumer's warnings that a producer did not answer a GET in time."""
+    with no_answer_warnings("[GET] No answer") as handler:
+        yield handler
+
+
+def transfer_from_a_new_prefill(
+    model_dir: str, send_type: str, options: dict, failure: str
+) -> tuple[str, list[int]]:
+    """A prefill engine started at PREFILL_KV_PORT prefills one request; all
+    its layers must reach the consumer. Returns the request's id and prompt."""
+    prefill = PDEngine(model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **options)
+    prompt = make_prompt(2, 30)
+    after = run_prefill(prefill, prompt)
+    assert sends_of(prefill.transport, after) == [True] * len(LAYERS), failure
+    return after, prompt
 
 
 def connected_pair(model_dir: str, send_type: str) -> tuple[PDEngine, PDEngine]:
@@ -127,7 +118,8 @@ def test_producer_sends_what_a_late_put_answer_agreed_to(
     consumer.transport.resume_listener()
     wait_for(
         lambda: consumer.transport.nccl_calls["recv"] > recvs,
-        "the consumer to answer the late PUT",
+        "timed out waiting for the consumer to answer the late PUT",
+        STUCK_S,
     )
 
     # The next request's KV is transferred and loaded.
@@ -163,7 +155,8 @@ def test_consumer_receives_what_a_late_get_answer_agreed_to(
     producer.resume_listener()
     wait_for(
         lambda: producer.nccl_calls["send"] > sends,
-        "the producer to answer the late GET",
+        "timed out waiting for the producer to answer the late GET",
+        STUCK_S,
     )
 
     # The next request's KV is transferred and loaded.
@@ -243,13 +236,11 @@ def test_consumer_listener_survives_a_producer_that_dies_mid_transfer(
         assert sock.poll(5000) and sock.recv() == b"0"
     # The producer is gone; the consumer's listener waits for the tensor.
 
-    prefill = PDEngine(
-        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **options
-    )
-    prompt = make_prompt(2, 30)
-    after = run_prefill(prefill, prompt)
-    assert sends_of(prefill.transport, after) == [True] * len(LAYERS), (
-        "the consumer's listener still waits for the dead producer's tensor"
+    after, prompt = transfer_from_a_new_prefill(
+        tiny_model_dir,
+        send_type,
+        options,
+        "the consumer's listener still waits for the dead producer's tensor",
     )
     completion = consumer.add_request(after, prompt, DECODE_MAX_TOKENS)
     consumer.run_until_idle()
@@ -281,13 +272,11 @@ def test_consumer_listener_survives_a_producer_that_dies_in_its_handshake(
         connect().send(msgpack.dumps({"cmd": "NEW", "unique_id": os.urandom(128)}))
         time.sleep(1.0)  # past the consumer's failed handshake
 
-    prefill = PDEngine(
-        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **OPTIONS
-    )
-    prompt = make_prompt(2, 30)
-    after = run_prefill(prefill, prompt)
-    assert sends_of(prefill.transport, after) == [True] * len(LAYERS), (
-        "the consumer's listener did not survive the failed handshake"
+    after, prompt = transfer_from_a_new_prefill(
+        tiny_model_dir,
+        send_type,
+        OPTIONS,
+        "the consumer's listener did not survive the failed handshake",
     )
     decode(consumer, after, prompt)
     assert consumer.transport._listener_thread.is_alive()

@@ -18,8 +18,6 @@ and ZMQ control plane (``zmq_wire``), with real schedulers and connectors:
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
@@ -32,6 +30,7 @@ from .pd import (
     proxy_request_id,
     set_randomization,
 )
+from .test_dead_consumer import run_until_idle_within
 from .test_load_failures import (
     PROMPT_LEN,
     TENSOR_BYTES,
@@ -143,22 +142,11 @@ def decode_within_bound(
         external_id: decode.add_request(external_id, prompt, DECODE_MAX_TOKENS)
         for external_id, prompt in requests.items()
     }
-    done = threading.Event()
-    errors: list[BaseException] = []
-
-    def steps():
-        try:
-            decode.run_until_idle()
-        except BaseException as e:  # shown in the test's thread
-            errors.append(e)
-        done.set()
-
-    threading.Thread(target=steps, daemon=True).start()
-    assert done.wait(STUCK_S), (
-        "decode waits recv_timeout_s for KV it received and freed long ago"
+    run_until_idle_within(
+        decode,
+        STUCK_S,
+        "decode waits recv_timeout_s for KV it received and freed long ago",
     )
-    if errors:
-        raise errors[0]
     return completions
 
 
