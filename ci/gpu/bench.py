@@ -5,10 +5,13 @@ Patched tree with request id randomization on (the fix) against the stock tree
 with it off (VLLM_DISABLE_REQUEST_ID_RANDOMIZATION=1, the workaround), one
 after the other on the same GPUs, with the same streamed workload through the
 proxy. Reports output tokens/s and median TTFT (first streamed text, seen by
-the client through the proxy) and adds them to the results file.
+the client through the proxy) and adds them to the results file. The
+engines run in vLLM's default execution mode (CUDA graphs, V2 model runner)
+unless --mode names a variant (eager, piecewise, v1-eager, ...:
+tests/gpu/servers.py MODE_PARTS); the report says which.
 
     python ci/gpu/bench.py --stock-site /tmp/site \
-        --patched-site /tmp/site-patched --out results/gpu-h100.md
+        --patched-site /tmp/site-patched --out results/gpu-h100.md [--mode eager]
 """
 
 from __future__ import annotations
@@ -56,6 +59,12 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0, help="s per request")
     parser.add_argument("--dtype", default="float16")
     parser.add_argument(
+        "--mode",
+        type=servers.parse_mode,
+        default=servers.DEFAULT_MODE,
+        help="execution mode of every engine (default: vLLM's defaults)",
+    )
+    parser.add_argument(
         "--model-dir", type=Path, default=Path("/tmp/p2p-gpu-tier/tiny-llama")
     )
     parser.add_argument("--log-dir", type=Path, default=servers.log_root() / "bench")
@@ -83,12 +92,13 @@ def main() -> int:
             with servers.pd_stack(
                 model_dir,
                 gpus,
-                args.log_dir / name.replace(", ", "-").replace(" ", "-"),
+                args.log_dir / args.mode / name.replace(", ", "-").replace(" ", "-"),
                 send_type=args.send_type,
                 randomization=randomization,
                 site=trees[tree]["site"],
                 dtype=args.dtype,
                 proxy_timeout=args.timeout + 30,
+                mode=args.mode,
             ) as pd:
                 runs[name] = measure(args, pd.proxy, requests)
     finally:
@@ -110,8 +120,10 @@ def main() -> int:
             f"{args.requests} streamed requests at once through the proxy, "
             f"{args.max_tokens} output tokens each (ignore_eos), send_type "
             f"{args.send_type}, median of {args.rounds} rounds after a warm-up; "
-            f"TTFT is the client's, through the proxy (prefill + first decode token)."
+            f"TTFT is the client's, through the proxy (prefill + first decode token). "
+            f"Execution mode {servers.describe_mode(args.mode)}."
         ),
+        "mode": args.mode,
         "runs": runs,
         "ratio": ratio + ".",
     }

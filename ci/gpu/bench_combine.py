@@ -2,7 +2,8 @@
 """Pool the round pairs of several ci/gpu/bench_pd.py runs into one interval.
 
 Each run's pairs stay pairs (a pair never mixes runs); the paired bootstrap
-then resamples all of them. Runs must use the same workload and trees.
+then resamples all of them. Runs must use the same workload, trees and
+execution mode.
 
 Rows marked "per-request paired" (bench_pd.bootstrap_log_ratio: the
 geometric mean of patched/stock over requests matched by prompt, the
@@ -28,6 +29,10 @@ def pooled_rounds(runs: list[dict]) -> list[dict]:
     workloads = {run["workload"] for run in runs}
     if len(workloads) != 1:
         raise SystemExit(f"runs differ in workload: {sorted(workloads)}")
+    # Runs from before execution modes ran eager.
+    modes = {run.get("mode", "eager") for run in runs}
+    if len(modes) != 1:
+        raise SystemExit(f"runs differ in execution mode: {sorted(modes)}")
     rounds = []
     for i, run in enumerate(runs):
         offset = 1000 * i

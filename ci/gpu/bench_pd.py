@@ -23,8 +23,15 @@ clock start, and one nvidia-smi sample of both GPUs before and one after it
 (sample_gpus: clocks, power, temperature, pstate, throttle reasons), to find
 what splits ITL p50 into two modes across rounds.
 
+Every engine runs in vLLM's default execution mode (CUDA graphs with
+cudagraph_mode FULL_AND_PIECEWISE, the V2 model runner, async scheduling)
+unless --mode names a variant: eager, piecewise, full, full_decode_only, v1,
+sync, async, or a combination such as v1-eager (tests/gpu/servers.py
+MODE_PARTS). The report and the JSON say which; bench_combine.py pools only
+runs of one mode.
+
     python3 ci/gpu/bench_pd.py --stock-site /tmp/site \
-        --patched-site /tmp/site-patched --out $OUT [--quick]
+        --patched-site /tmp/site-patched --out $OUT [--quick] [--mode eager]
 
 Writes <out>/bench_pd.json (every round, the model shape, versions, topology)
 and <out>/bench_pd.md, after every round, so a run cut short keeps its rounds.
@@ -569,7 +576,8 @@ class EnginePlan:
     max_num_seqs: int = 64
     nccl_num_channels: str = "8"
     send_type: str = "PUT_ASYNC"
-    extra_args: list[str] = field(default_factory=list)
+    mode: str = "default"  # execution mode, servers.MODE_PARTS
+    extra_args: list[str] = field(default_factory=list)  # win over the mode's
 
     def args(self, role: str) -> list[str]:
         prefill = role == "prefill"
@@ -578,7 +586,6 @@ class EnginePlan:
         return [
             "--load-format=dummy",
             "--dtype=bfloat16",
-            "--enforce-eager",
             f"--max-model-len={self.max_model_len}",
             f"--kv-cache-memory-bytes={int(kv * GIB)}",
             f"--gpu-memory-utilization={self.gpu_memory_utilization}",
@@ -591,8 +598,19 @@ class EnginePlan:
             "--no-enable-prefix-caching",
             "--seed=0",
             "--disable-uvicorn-access-log",
+            *servers.mode_settings(self.mode)[0],
             *self.extra_args,
         ]
+
+    def env(self, spec: servers.EngineSpec, site: str | Path) -> dict:
+        """An engine's environment: the GPU tier's, the mode's, its own, and
+        PYTHONPATH=site (its vLLM tree)."""
+        return {
+            **servers.COMMON_ENV,
+            **servers.mode_settings(self.mode)[1],
+            **spec.env,
+            "PYTHONPATH": str(site),
+        }
 
     def kv_transfer_config(self, spec: servers.EngineSpec) -> dict:
         return {
@@ -845,6 +863,8 @@ def render(data: dict) -> str:
         f"| patches/ (sha256) | {data.get('patches', '?')} |",
         f"| model | {data.get('model_summary', '?')} |",
         f"| engines | {data.get('engines_summary', '?')} |",
+        # Runs from before execution modes ran eager.
+        f"| execution mode | {data.get('mode', 'eager')} |",
         f"| workload | {data.get('workload', '?')} |",
         "",
         "Topology (`nvidia-smi topo -m`):",
@@ -1120,6 +1140,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mem-pool-gib", type=float, default=EnginePlan.mem_pool_gib)
     parser.add_argument("--nccl-num-channels", default=EnginePlan.nccl_num_channels)
     parser.add_argument(
+        "--mode",
+        type=servers.parse_mode,
+        default=EnginePlan.mode,
+        help="execution mode of every engine (default: vLLM's defaults; "
+        "variants: eager, piecewise, v1-eager, ...)",
+    )
+    parser.add_argument(
         "--engine-arg",
         action="append",
         default=[],
@@ -1163,10 +1190,12 @@ def main(argv=None) -> int:
         kv_buffer_gib=args.kv_buffer_gib,
         mem_pool_gib=args.mem_pool_gib,
         nccl_num_channels=args.nccl_num_channels,
+        mode=args.mode,
         extra_args=args.engine_arg,
     )
     data: dict = {
         "quick": args.quick,
+        "mode": plan.mode,
         "machine": common.machine_info(gpus),
         "topology": shell(["nvidia-smi", "topo", "-m"]),
         "gpu_memory_total": gpu_memory_used(),
@@ -1189,8 +1218,9 @@ def main(argv=None) -> int:
             f"side; {plan.send_type}, kv_buffer_size {plan.kv_buffer_gib} GiB, "
             f"mem_pool_size_gb {plan.mem_pool_gib}, nccl_num_channels "
             f"{plan.nccl_num_channels}; KV cache prefill {plan.prefill_kv_gib} GiB, "
-            f"decode {plan.decode_kv_gib} GiB; eager, no chunked prefill, no prefix "
-            f"cache; stock with {servers.RANDOMIZATION_OFF}=1, patched with "
+            f"decode {plan.decode_kv_gib} GiB; mode {servers.describe_mode(plan.mode)}"
+            f", no chunked prefill, no prefix cache; stock with "
+            f"{servers.RANDOMIZATION_OFF}=1, patched with "
             "randomization on"
         ),
         "workload": (
@@ -1251,7 +1281,7 @@ def main(argv=None) -> int:
             for tree in (STOCK, PATCHED):
                 site = trees[tree]["site"]
                 for spec in specs[tree]:
-                    env = {**servers.COMMON_ENV, **spec.env, "PYTHONPATH": str(site)}
+                    env = plan.env(spec, site)
                     cmd = engine_command(spec, plan, model_dir)
                     group.add(
                         servers.start(

@@ -1,7 +1,9 @@
 """Shared by run_matrix.py and bench.py: trees, machine facts, the results file.
 
 The results live in <out>.json (merged across runs, so the matrix can be
-filled by several shorter runs) and are rendered to <out> (markdown).
+filled by several shorter runs) and are rendered to <out> (markdown). A cell
+is named <mode>:<tree>:<send_type>:<on|off>, mode being the engines'
+execution mode (servers.MODE_PARTS; "default" is vLLM's own).
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ class Results:
         self.md = Path(out)
         self.json = self.md.with_suffix(".json")
         self.data = json.loads(self.json.read_text()) if self.json.exists() else {}
+        # Files from before execution modes: every cell ran with
+        # --enforce-eager, and the reference is computed again per mode.
+        cells = self.data.get("cells", {})
+        for key in [k for k in cells if k.count(":") == 2]:
+            cells[f"eager:{key}"] = cells.pop(key)
+        self.data.pop("reference", None)
 
     def save(self) -> None:
         self.md.parent.mkdir(parents=True, exist_ok=True)
@@ -172,8 +180,16 @@ def _cell_text(cell: dict | None, key: tuple[str, str, str]) -> str:
     return text
 
 
+def modes_of(cells: dict) -> list[str]:
+    """The execution modes of the cells, "default" first."""
+    modes = {key.split(":")[0] for key in cells} or {servers.DEFAULT_MODE}
+    return sorted(modes, key=lambda mode: (mode != servers.DEFAULT_MODE, mode))
+
+
 def render(data: dict) -> str:
     m, trees = data.get("machine", {}), data.get("trees", {})
+    cells = data.get("cells", {})
+    modes = modes_of(cells)
     lines = [
         f"# P2pNcclConnector P/D on {m.get('gpu', '?')}",
         "",
@@ -196,26 +212,34 @@ def render(data: dict) -> str:
         f"| patches/ (sha256) | {data.get('patches', '?')} |",
         f"| topology | {m.get('topology', '?')} |",
         f"| workload | {data.get('workload', '?')} |",
+        "| execution modes | "
+        + "; ".join(servers.describe_mode(mode) for mode in modes)
+        + " |",
         "",
         "## Matrix",
         "",
-        "send_type x request id randomization x tree. correct: every answer "
-        "equals the reference engine's; wrong: all answered, some differ; hang: "
-        "some timed out.",
-        "",
-        "| send_type | "
-        + " | ".join(f"{t}, rand {r}" for t in TREES for r in RANDOMIZATION)
-        + " |",
-        "|---|" + "---|" * 4,
+        "send_type x request id randomization x tree, one table per execution "
+        "mode (the reference engine runs in the same mode). correct: every "
+        "answer equals the reference engine's; wrong: all answered, some "
+        "differ; hang: some timed out.",
     ]
-    cells = data.get("cells", {})
-    for send_type in servers.SEND_TYPES:
-        row = [
-            _cell_text(cells.get(f"{t}:{send_type}:{r}"), (t, send_type, r))
-            for t in TREES
-            for r in RANDOMIZATION
+    for mode in modes:
+        lines += [
+            "",
+            f"### Mode {servers.describe_mode(mode)}",
+            "",
+            "| send_type | "
+            + " | ".join(f"{t}, rand {r}" for t in TREES for r in RANDOMIZATION)
+            + " |",
+            "|---|" + "---|" * 4,
         ]
-        lines.append(f"| {send_type} | " + " | ".join(row) + " |")
+        for send_type in servers.SEND_TYPES:
+            row = [
+                _cell_text(cells.get(f"{mode}:{t}:{send_type}:{r}"), (t, send_type, r))
+                for t in TREES
+                for r in RANDOMIZATION
+            ]
+            lines.append(f"| {send_type} | " + " | ".join(row) + " |")
     noted = {k: c for k, c in sorted(cells.items()) if c.get("notes")}
     if noted:
         lines += ["", "### Details (first 5 per cell)", ""]
@@ -243,7 +267,9 @@ def render(data: dict) -> str:
                 f"| {key} | " + " | ".join(rows.get(n, "-") for n in names) + " |"
             )
     if bench := data.get("bench"):
-        lines += ["", "## Benchmark", "", bench["setup"], ""]
+        # A bench from before execution modes ran eager.
+        mode = bench.get("mode", "eager")
+        lines += ["", f"## Benchmark, mode {mode}", "", bench["setup"], ""]
         lines += [
             "| run | output tokens/s | median TTFT (ms) | failed |",
             "|---|---|---|---|",

@@ -8,6 +8,9 @@
 #   bash ci/gpu/device.sh pytest OUT [args]        # the GPU pytest tier (test_pd_gpu.py)
 # Every process started from here has NVLink multicast off and no NCCL_HOSTID
 # (prefill on CUDA_VISIBLE_DEVICES=0, decode on 1: the scripts set those).
+# The engines run vLLM's default execution mode (CUDA graphs); a variant is
+# picked with the scripts' --mode (e.g. --mode eager) or, for pytest,
+# GPU_TIER_MODE=eager (ci/gpu/README.md, "Execution modes").
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$repo"

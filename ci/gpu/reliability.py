@@ -33,7 +33,15 @@ workload.TIE_GAP is a near-tie, counted as correct and listed apart. The
 reference answers every request twice (all at once both times, different
 order): how many of those differ is reported as the noise floor.
 
-    python ci/gpu/reliability.py --site /tmp/site-series --out $OUT/rel
+Every engine, the reference included, runs in vLLM's default execution mode
+(CUDA graphs, V2 model runner, async scheduling) unless --mode names others:
+variants such as eager, piecewise, v1-eager (tests/gpu/servers.py
+MODE_PARTS), comma separated. The modes run one after another, each with its
+own engines, reference and --budget; a pair is reported as
+<mode>:<pair>:<policy>, its logs under <log-dir>/<mode>/.
+
+    python ci/gpu/reliability.py --site /tmp/site-series --out $OUT/rel \
+        [--mode default,eager]
 
 Writes <out>.json and <out>.md, prints the table; exit status 0 whether or not
 a scenario failed (the table says), 1 if the run itself broke.
@@ -128,8 +136,13 @@ def plan_pairs(
     small_buffer: int = 0,
     overflow_batched: int = 8192,
     v1_recompute: bool = False,
+    mode: str = servers.DEFAULT_MODE,
 ) -> list[Pair]:
-    """Regular pairs (retry, kill) and, if small_buffer, GET-small pairs."""
+    """Regular pairs (retry, kill) and, if small_buffer, GET-small pairs.
+
+    Every engine runs in execution mode ``mode``; the recompute-v1 and
+    recompute-sync policies add their runner and scheduling on top.
+    """
     plans = [(s, p, ("retry", "kill")) for s in send_types for p in policies]
     extra = (V1_RECOMPUTE, SYNC_RECOMPUTE) if v1_recompute else ()
     plans += [(s, p, ("kill",)) for s in V1_RECOMPUTE_SEND_TYPES for p in extra]
@@ -139,7 +152,12 @@ def plan_pairs(
     for send_type, policy, scenarios in plans:
         *ports, proxy_port = servers.free_ports(5)
         prefill, decode = servers.plan_pd(
-            gpus, send_type=send_type, randomization=True, ports=ports, slot=len(pairs)
+            gpus,
+            send_type=send_type,
+            randomization=True,
+            ports=ports,
+            slot=len(pairs),
+            mode=mode,
         )
         name = send_type if scenarios != ("overflow",) else "GET-small"
         for spec in (prefill, decode):
@@ -153,7 +171,8 @@ def plan_pairs(
         if scenarios == ("overflow",):
             prefill.kv_overrides["kv_buffer_size"] = small_buffer
             # Many prompts in one step: their KV waits in the store together.
-            prefill.extra_args = [f"--max-num-batched-tokens={overflow_batched}"]
+            batched = f"--max-num-batched-tokens={overflow_batched}"
+            prefill.extra_args = [*prefill.extra_args, batched]
         pairs.append(
             Pair(
                 f"{name}:{policy}",
@@ -367,7 +386,7 @@ class Config:
     margin: float = 25.0  # the time allowed past recv_timeout
     kill_after: float = 1.0
     spread: float = 2.0  # kill workload: requests spread over this many s
-    restart_timeout: float = 180.0
+    restart_timeout: float = 210.0  # torch.compile and graph capture included
 
     @property
     def request_timeout(self) -> float:
@@ -670,36 +689,43 @@ def render(data: dict) -> str:
         f"| site | {data.get('site', {})} |",
         f"| topology | {m.get('topology', '?')} |",
         f"| settings | {json.dumps(s)} |",
-        f"| engines up after | {data.get('startup_seconds', '?')} s |",
     ]
-    if noise := data.get("noise"):
+    modes = data.get("modes", {})
+    for mode, facts in modes.items():
         lines.append(
-            f"| reference noise floor | second pass vs first: {noise['counts']} "
-            f"of {noise['n']} |"
+            f"| mode {servers.describe_mode(mode)} | engines up after "
+            f"{facts.get('startup_seconds', '?')} s |"
         )
+        if noise := facts.get("noise"):
+            lines.append(
+                f"| reference noise floor, {mode} | second pass vs first: "
+                f"{noise['counts']} of {noise['n']} |"
+            )
     lines += [
         "",
         "correct includes near-ties (first difference where the reference's "
         f"top-2 logprobs are closer than {s.get('tie_gap', '?')}). kill: errors "
         "include requests whose prefill failed (prefill dead), see notes.",
         "",
-        "| scenario | pair | policy | verdict | correct | error | wrong | hang "
-        "| notes |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | scenario | pair | policy | verdict | correct | error | wrong "
+        "| hang | notes |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, per in data.get("pairs", {}).items():
-        name, policy = key.split(":")
+        mode, name, policy = key.split(":")
         for scenario in SCENARIOS:
             if (parts := per.get(scenario)) is None:
                 continue
             c = cell_counts(scenario, parts)
             lines.append(
-                f"| {scenario} | {name} | {policy} | {parts.get('verdict', '?')} "
+                f"| {mode} | {scenario} | {name} | {policy} "
+                f"| {parts.get('verdict', '?')} "
                 f"| {c['correct']} | {c['error']} | **{c['wrong']}** | **{c['hang']}** "
                 f"| {cell_notes(scenario, parts)} |"
             )
-    if data.get("did_not_start"):
-        lines += ["", f"Did not start: {data['did_not_start']}"]
+    for mode, facts in modes.items():
+        if facts.get("did_not_start"):
+            lines += ["", f"Did not start ({mode}): {facts['did_not_start']}"]
     details = []
     for key, per in data.get("pairs", {}).items():
         for scenario, parts in per.items():
@@ -750,8 +776,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overflow-requests", type=int, default=32)
     parser.add_argument("--buffer-requests", type=float, default=2.5)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--budget", type=float, default=420.0, help="s after start")
-    parser.add_argument("--startup-timeout", type=float, default=240.0)
+    parser.add_argument(
+        "--mode",
+        type=servers.parse_modes,
+        default=servers.DEFAULT_MODE,
+        help="execution modes of the engines, comma separated, run one after "
+        "another (default: vLLM's defaults; variants: eager, piecewise, v1-eager, "
+        "...)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=420.0,
+        help="s per mode (the first mode's from the script's start)",
+    )
+    # Graph capture and torch.compile of ~17 engines at once: 30 s and more
+    # over the 70 to 135 s they took in eager mode.
+    parser.add_argument("--startup-timeout", type=float, default=300.0)
     parser.add_argument(
         "--model-dir", type=Path, default=Path("/tmp/p2p-gpu-tier/tiny-llama")
     )
@@ -785,15 +826,6 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
     )
     cfg = Config(args.recv_timeout, args.margin, args.kill_after, args.spread)
     sets = build_sets(args.kill_requests, 16, args.overflow_requests)
-    pairs = plan_pairs(
-        gpus,
-        send_types=tuple(s for s in args.send_types.split(",") if s),
-        policies=tuple(args.policies.split(",")),
-        recv_timeout=args.recv_timeout,
-        small_buffer=small,
-        v1_recompute=args.v1_recompute,
-    )
-    ref_spec = servers.plan_reference(gpus, servers.free_ports(1)[0])
     data: dict = {
         "site": str(args.site),
         "settings": {
@@ -806,7 +838,8 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
             "tie_gap": workload.TIE_GAP,
             "randomization": "on",
         },
-        "pairs": {p.key: {} for p in pairs},
+        "modes": {mode: {} for mode in args.mode},  # startup, noise floor, ...
+        "pairs": {},  # "<mode>:<pair>:<policy>" -> scenario -> results
     }
     with contextlib.suppress(Exception):
         import common  # ci/gpu: GPU names, driver, NCCL
@@ -814,20 +847,61 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
         data["machine"] = common.machine_info(gpus)
     rc = 0
     try:
+        mode_start = t0
+        for mode in args.mode:
+            rc |= run_mode(
+                args, mode, mode_start, gpus, model_dir, sets, cfg, small, data
+            )
+            mode_start = time.monotonic()
+    finally:
+        servers.stop_all()
+        data["wall_seconds"] = round(time.monotonic() - t0, 1)
+        write(args.out, data)
+        if args.logs_tar:
+            with (
+                contextlib.suppress(OSError),
+                tarfile.open(args.logs_tar, "w:gz") as tar,
+            ):
+                tar.add(args.log_dir, arcname="reliability-logs")
+    print(render(data))
+    return rc
+
+
+def run_mode(
+    args, mode, t0, gpus, model_dir, sets, cfg, small, data
+) -> int:  # pragma: no cover - needs GPUs and vLLM
+    """One execution mode: start its pairs and reference, run every scenario
+    until --budget s after ``t0``, stop them. Results go to
+    data["pairs"]["<mode>:<key>"] and data["modes"][mode]; 1 if the run
+    broke, else 0."""
+    facts = data["modes"][mode]
+    log_dir = args.log_dir / mode
+    pairs = plan_pairs(
+        gpus,
+        send_types=tuple(s for s in args.send_types.split(",") if s),
+        policies=tuple(args.policies.split(",")),
+        recv_timeout=args.recv_timeout,
+        small_buffer=small,
+        v1_recompute=args.v1_recompute,
+        mode=mode,
+    )
+    ref_spec = servers.plan_reference(gpus, servers.free_ports(1)[0], mode)
+    sinks = {p.key: data["pairs"].setdefault(f"{mode}:{p.key}", {}) for p in pairs}
+    try:
         with servers.ServerGroup() as group:
             started = {
                 "ref": group.add(
                     servers.start_engine(
                         ref_spec,
                         model_dir,
-                        args.log_dir,
+                        log_dir,
                         site=args.site,
                         dtype=args.dtype,
                     )
                 )
             }
             for p in pairs:
-                d = args.log_dir / p.key.replace(":", "-")
+                d = log_dir / p.key.replace(":", "-")
                 for spec in (p.prefill, p.decode):
                     started[spec.name] = group.add(
                         servers.start_engine(
@@ -844,31 +918,30 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
                     )
                 )
             down = wait_up(started, args.startup_timeout)
-            data["startup_seconds"] = round(time.monotonic() - t0, 1)
+            facts["startup_seconds"] = round(time.monotonic() - t0, 1)
             if "ref" in down:
                 raise RuntimeError(f"reference did not start: {down['ref']}")
             handles = []
             for p in pairs:
                 names = (p.prefill.name, p.decode.name, p.key)
                 if any(n in down for n in names):
-                    data.setdefault("did_not_start", {})[p.key] = [
+                    facts.setdefault("did_not_start", {})[p.key] = [
                         down.get(n) for n in names
                     ]
                     continue
-                handles.append(make_handle(p, group, started, model_dir, args, cfg))
+                handles.append(
+                    make_handle(p, group, started, model_dir, args, cfg, log_dir)
+                )
             refs, noise = asyncio.run(
                 reference_answers(servers.url(ref_spec), sets.all())
             )
-            data["noise"] = noise
+            facts["noise"] = noise
             remaining = max(30.0, args.budget - (time.monotonic() - t0))
 
             async def everything():
                 await asyncio.wait_for(
                     asyncio.gather(
-                        *(
-                            run_pair(h, sets, refs, cfg, data["pairs"][h.key])
-                            for h in handles
-                        )
+                        *(run_pair(h, sets, refs, cfg, sinks[h.key]) for h in handles)
                     ),
                     remaining,
                 )
@@ -876,29 +949,18 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
             try:
                 asyncio.run(everything())
             except asyncio.TimeoutError:
-                data["cut_short"] = f"budget of {args.budget:.0f} s spent"
-                logger.error("budget spent: results so far only")
+                facts["cut_short"] = f"budget of {args.budget:.0f} s spent"
+                logger.error("%s: budget spent: results so far only", mode)
                 for h in handles:
                     for scenario in h.scenarios:
-                        data["pairs"][h.key].setdefault(
+                        sinks[h.key].setdefault(
                             scenario,
                             {"verdict": "not finished (budget)", "reasons": []},
                         )
     except Exception:
-        logger.exception("reliability run broke")
-        rc = 1
-    finally:
-        servers.stop_all()
-        data["wall_seconds"] = round(time.monotonic() - t0, 1)
-        write(args.out, data)
-        if args.logs_tar:
-            with (
-                contextlib.suppress(OSError),
-                tarfile.open(args.logs_tar, "w:gz") as tar,
-            ):
-                tar.add(args.log_dir, arcname="reliability-logs")
-    print(render(data))
-    return rc
+        logger.exception("%s: reliability run broke", mode)
+        return 1
+    return 0
 
 
 def wait_up(started: dict, timeout: float) -> dict[str, str]:  # pragma: no cover
@@ -922,8 +984,9 @@ def wait_up(started: dict, timeout: float) -> dict[str, str]:  # pragma: no cove
 
 
 def make_handle(
-    p: Pair, group, started, model_dir, args, cfg
+    p: Pair, group, started, model_dir, args, cfg, log_dir: Path
 ) -> Handle:  # pragma: no cover
+    """The pair as the scenarios see it; its prefill restarts under log_dir."""
     state = {"prefill": started[p.prefill.name]}
 
     async def kill() -> None:
@@ -937,10 +1000,10 @@ def make_handle(
             await asyncio.sleep(0.1)
 
     async def restart() -> bool:
-        log_dir = args.log_dir / p.key.replace(":", "-") / "restarted"
+        restart_dir = log_dir / p.key.replace(":", "-") / "restarted"
         server = group.add(
             servers.start_engine(
-                p.prefill, model_dir, log_dir, site=args.site, dtype=args.dtype
+                p.prefill, model_dir, restart_dir, site=args.site, dtype=args.dtype
             )
         )
         state["prefill"] = server

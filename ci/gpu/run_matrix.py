@@ -2,21 +2,30 @@
 r"""Run the P/D matrix on this GPU machine and write the results file.
 
 Cells: send_type {PUT, PUT_ASYNC, GET} x request id randomization {on, off}
-x tree {stock, patched}. A tree is a site-packages folder holding vllm/; the
-servers of a cell run with PYTHONPATH=<that folder>. Make the patched one
-with ci/gpu/prepare_sites.sh. The reference answers come once from a plain
-engine of the stock tree and are kept in <out>.json with the cells, so a run
-with --cells can fill in part of the matrix and a later one the rest.
+x tree {stock, patched}, per execution mode (--mode). A tree is a
+site-packages folder holding vllm/; the servers of a cell run with
+PYTHONPATH=<that folder>. Make the patched one with ci/gpu/prepare_sites.sh.
+The reference answers come once per mode from a plain engine of the stock
+tree in that mode and are kept in <out>.json with the cells, so a run with
+--cells can fill in part of the matrix and a later one the rest.
 
     python ci/gpu/run_matrix.py --stock-site /tmp/site \
         --patched-site /tmp/site-patched --out results/gpu-h100.md \
-        [--cells 'stock:*:on,patched:GET:*'] [--parallel 3]
+        [--cells 'stock:*:on,patched:GET:*'] [--parallel 3] [--mode default,eager]
 
-A cell starts its prefill and decode servers (about 1 to 1.5 min), sends the
-workload (seconds; --timeout when it hangs) and stops them. --parallel runs
-cells side by side (each pair has its own NCCL_HOSTIDs on one GPU). SIGTERM
-or SIGINT ends every server started here: wrap the run in `timeout` when the
-machine enforces a time limit.
+--mode: vLLM's defaults ("default": CUDA graphs, V2 model runner) unless
+told; "eager", "piecewise", "full", "full_decode_only", "v1", "sync",
+"async" and combinations such as "v1-eager" are the variants
+(tests/gpu/servers.py MODE_PARTS). A cell is named
+<mode>:<tree>:<send_type>:<on|off> in the results and logged under
+<log-dir>/<mode>/<tree>-<send_type>-<on|off>/.
+
+A cell starts its prefill and decode servers (about 1 to 1.5 min in eager
+mode; torch.compile and CUDA graph capture add to that), sends the workload
+(seconds; --timeout when it hangs) and stops them. --parallel runs cells side
+by side (each pair has its own NCCL_HOSTIDs on one GPU). SIGTERM or SIGINT
+ends every server started here: wrap the run in `timeout` when the machine
+enforces a time limit.
 """
 
 from __future__ import annotations
@@ -59,6 +68,13 @@ def main() -> int:
     parser.add_argument(
         "--cells", default="*", help="TREE:SEND_TYPE:on|off globs, comma separated"
     )
+    parser.add_argument(
+        "--mode",
+        type=servers.parse_modes,
+        default=servers.DEFAULT_MODE,
+        help="execution modes of the engines, comma separated (default: "
+        "vLLM's defaults; variants: eager, piecewise, v1-eager, ...)",
+    )
     parser.add_argument("--timeout", type=float, default=60.0, help="s per request")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=1, help="cells at once")
@@ -83,7 +99,7 @@ def main() -> int:
     args = parser.parse_args()
     common.start_logging()
 
-    cells = select(args.cells)
+    cells = [f"{mode}:{cell}" for mode in args.mode for cell in select(args.cells)]
     trees = common.check_trees(args.stock_site, args.patched_site)
     sites = {name: Path(info["site"]) for name, info in trees.items()}
     gpus = servers.visible_gpus()
@@ -112,20 +128,27 @@ def main() -> int:
     )
     cells_done = results.data.setdefault("cells", {})
     if results.data.get("patches") != (digest := common.patches_digest()):
-        for key in [k for k in cells_done if k.startswith("patched:")]:
+        for key in [k for k in cells_done if k.split(":")[1] == "patched"]:
             logger.info("dropping %s: measured with other patches", key)
             del cells_done[key]
         results.data["patches"] = digest
     try:
-        answers = get_reference(args, results, model_dir, requests + extra, gpus, sites)
-        reference = answers[: len(requests)]
-        extra_pairs = list(zip(extra, answers[len(requests) :], strict=True))
+        references = {}  # mode -> (reference answers, extra requests with theirs)
+        for mode in args.mode:
+            answers = get_reference(
+                args, results, mode, model_dir, requests + extra, gpus, sites
+            )
+            references[mode] = (
+                answers[: len(requests)],
+                list(zip(extra, answers[len(requests) :], strict=True)),
+            )
         slots: queue.Queue[int] = queue.Queue()
         for slot in range(args.parallel):
             slots.put(slot)
 
         def run(cell: str) -> dict:
             slot = slots.get()
+            reference, extra_pairs = references[cell.split(":")[0]]
             try:
                 return run_cell(
                     args,
@@ -161,25 +184,27 @@ def main() -> int:
     return 0
 
 
-def get_reference(args, results, model_dir, requests, gpus, sites) -> list[dict]:
+def get_reference(args, results, mode, model_dir, requests, gpus, sites) -> list:
+    """The answers of a plain engine of the stock tree in ``mode`` (cached)."""
     key = common.fingerprint(
-        model_dir, requests, args.dtype, results.data["trees"]["stock"]["vllm"]
+        model_dir, requests, args.dtype, results.data["trees"]["stock"]["vllm"], mode
     )
-    cached = results.data.get("reference", {})
+    cached = results.data.setdefault("references", {}).get(mode, {})
     if cached.get("key") == key:
-        logger.info("reference answers from %s", results.json)
+        logger.info("%s: reference answers from %s", mode, results.json)
         return cached["answers"]
-    logger.info("computing the reference answers (stock tree, plain engine)")
+    logger.info("%s: computing the reference answers (stock tree, plain engine)", mode)
     with servers.reference_stack(
         model_dir,
         gpus,
-        args.log_dir / "reference",
+        args.log_dir / mode / "reference",
         site=sites["stock"],
         dtype=args.dtype,
+        mode=mode,
     ) as url:
         outcomes = workload.run(url, requests, args.timeout)
     answers = workload.reference_of(outcomes, requests)
-    results.data["reference"] = {"key": key, "answers": answers}
+    results.data["references"][mode] = {"key": key, "answers": answers}
     results.save()
     return answers
 
@@ -187,8 +212,8 @@ def get_reference(args, results, model_dir, requests, gpus, sites) -> list[dict]
 def run_cell(
     args, cell, slot, model_dir, requests, reference, gpus, sites, extra_pairs
 ) -> dict:
-    tree, send_type, rand = cell.split(":")
-    log_dir = args.log_dir / cell.replace(":", "-")
+    mode, tree, send_type, rand = cell.split(":")
+    log_dir = args.log_dir / mode / f"{tree}-{send_type}-{rand}"
     start = time.monotonic()
     logger.info("%s: starting (slot %s, logs %s)", cell, slot, log_dir)
     try:
@@ -202,6 +227,7 @@ def run_cell(
             dtype=args.dtype,
             proxy_timeout=args.timeout + 30,
             slot=slot,
+            mode=mode,
         ) as pd:
             up = time.monotonic() - start
             outcomes = workload.run(pd.proxy, requests, args.timeout)

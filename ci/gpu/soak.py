@@ -19,7 +19,8 @@ that equals B's is counted as well.
 
     python ci/gpu/soak.py --tree stock=/tmp/site,rand=off,batched=65536 \
         --tree patched=/tmp/site-patched --out /tmp/out/soak.md \
-        [--requests 1000] [--concurrency 64] [--budget 450] [--dtype float32]
+        [--requests 1000] [--concurrency 64] [--budget 450] [--dtype float32] \
+        [--mode default,eager]
 
 A tree is NAME=SITE[,rand=on|off][,batched=N]: request id randomization of
 its engines (default on) and their --max-num-batched-tokens (default
@@ -27,6 +28,13 @@ servers.MAX_NUM_BATCHED_TOKENS, 256; stock 0.23.0's producer dies on a later
 prefill chunk, so give stock a budget no prompt batch reaches). Nothing is
 sent after --budget seconds minus --timeout; a cell with --hang-limit timed
 out requests gets no more. Writes <out> (markdown) and <out>.json.
+
+Every engine, the references included, runs in vLLM's default execution mode
+(CUDA graphs, V2 model runner, async scheduling) unless --mode names others:
+variants such as eager, piecewise, v1-eager (tests/gpu/servers.py
+MODE_PARTS), comma separated. The modes run one after another, each with its
+own engines, references and --budget (which includes their start-up); a cell
+is reported as <mode>:<tree>:<send_type>, its logs under <log-dir>/<mode>/.
 """
 
 from __future__ import annotations
@@ -98,7 +106,7 @@ def parse_tree(text: str) -> Tree:
 
 @dataclass
 class Cell:
-    key: str  # "<tree>:<send_type>"
+    key: str  # "<mode>:<tree>:<send_type>"
     tree: Tree
     send_type: str
     prefill: servers.EngineSpec
@@ -106,8 +114,11 @@ class Cell:
     proxy_port: int
 
 
-def plan_cells(trees: list[Tree], gpus: list[str]) -> list[Cell]:
-    """One P/D pair per tree and send type; slots number them (NCCL_HOSTID)."""
+def plan_cells(
+    trees: list[Tree], gpus: list[str], mode: str = servers.DEFAULT_MODE
+) -> list[Cell]:
+    """One P/D pair per tree and send type, in execution mode ``mode``;
+    slots number them (NCCL_HOSTID)."""
     cells = []
     for tree in trees:
         for send_type in servers.SEND_TYPES:
@@ -118,22 +129,28 @@ def plan_cells(trees: list[Tree], gpus: list[str]) -> list[Cell]:
                 randomization=tree.randomization,
                 ports=ports,
                 slot=len(cells),
+                mode=mode,
             )
             if tree.max_batched_tokens is not None:
                 extra = [f"--max-num-batched-tokens={tree.max_batched_tokens}"]
                 prefill.extra_args = decode.extra_args = extra
             for spec in (prefill, decode):
                 spec.name = f"{tree.name}-{send_type}-{spec.name}"
-            key = f"{tree.name}:{send_type}"
+            key = f"{mode}:{tree.name}:{send_type}"
             cells.append(Cell(key, tree, send_type, prefill, decode, proxy_port))
     return cells
 
 
-def plan_references(gpus: list[str]) -> dict[str, servers.EngineSpec]:
-    """Reference A on the first GPU (the oracle), B on the last (its check)."""
+def plan_references(
+    gpus: list[str], mode: str = servers.DEFAULT_MODE
+) -> dict[str, servers.EngineSpec]:
+    """Reference A on the first GPU (the oracle), B on the last (its check),
+    both in the execution mode of the cells they judge."""
     ports = servers.free_ports(2)
     return {
-        name: servers.EngineSpec(f"reference-{name}", port, {"CUDA_VISIBLE_DEVICES": g})
+        name: servers.EngineSpec(
+            f"reference-{name}", port, {"CUDA_VISIBLE_DEVICES": g}, mode=mode
+        )
         for name, port, g in (("A", ports[0], gpus[0]), ("B", ports[1], gpus[-1]))
     }
 
@@ -331,9 +348,17 @@ def render(data: dict) -> str:
         f"| workload | {s['requests']} requests per target (completions and chat, "
         f"prompts of 6 to 420 words, one n=2), greedy, {s['concurrency']} in "
         f"flight per target, {s['timeout']:.0f} s per request, {s['dtype']} |",
-        f"| engines up after | {data.get('startup_seconds', '?')} s |",
+    ]
+    modes = data.get("modes", {})
+    for mode, facts in modes.items():
+        lines.append(
+            f"| mode {servers.describe_mode(mode)} | engines up after "
+            f"{facts.get('startup_seconds', '?')} s |"
+        )
+    lines += [
         "",
-        "Each answer compared token for token with reference A. near-tie: the "
+        "Each answer compared token for token with reference A of its mode. "
+        "near-tie: the "
         f"first difference is where A's top-2 logprobs are closer than "
         f"{s['tie_gap']}; (n = B): that many of them equal reference B's answer. "
         "hang: no answer within the timeout.",
@@ -342,18 +367,27 @@ def render(data: dict) -> str:
         "| not sent | no reference | req/s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ref = data.get("reference")
-    if ref:
-        lines.append(
-            _row("reference B vs A (noise floor)", ref["b_vs_a"], ref["b_seconds"])
-        )
-    for key, cell in data["cells"].items():
-        lines.append(_row(key, cell, cell.get("seconds")))
-    if ref and ref.get("a_failed"):
-        lines += ["", f"Reference A failed {ref['a_failed']} requests: not judged."]
-    details = [(k, c) for k, c in data["cells"].items() if c.get("notes")]
-    if ref and ref["b_vs_a"]["notes"]:
-        details.insert(0, ("reference B vs A", ref["b_vs_a"]))
+    details = []
+    for mode, facts in modes.items():
+        ref = facts.get("reference")
+        label = f"{mode}: reference B vs A"
+        if ref:
+            lines.append(
+                _row(f"{label} (noise floor)", ref["b_vs_a"], ref["b_seconds"])
+            )
+            if ref["b_vs_a"]["notes"]:
+                details.append((label, ref["b_vs_a"]))
+        for key, cell in data["cells"].items():
+            if key.split(":")[0] == mode:
+                lines.append(_row(key, cell, cell.get("seconds")))
+                if cell.get("notes"):
+                    details.append((key, cell))
+    for mode, facts in modes.items():
+        if (ref := facts.get("reference")) and ref.get("a_failed"):
+            lines += [
+                "",
+                f"Reference A ({mode}) failed {ref['a_failed']} requests: not judged.",
+            ]
     if details:
         lines += ["", "## Details (first notes per target)", ""]
         for key, cell in details:
@@ -385,11 +419,26 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=1000, help="per target")
     parser.add_argument("--concurrency", type=int, default=64, help="per target")
     parser.add_argument("--timeout", type=float, default=45.0, help="s per request")
-    parser.add_argument("--budget", type=float, default=450.0, help="s in all")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=450.0,
+        help="s per mode, start-up included (the first mode's from the script's start)",
+    )
     parser.add_argument("--hang-limit", type=int, default=8)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--startup-timeout", type=float, default=240.0)
+    parser.add_argument(
+        "--mode",
+        type=servers.parse_modes,
+        default=servers.DEFAULT_MODE,
+        help="execution modes of the engines, comma separated, run one after "
+        "another (default: vLLM's defaults; variants: eager, piecewise, v1-eager, "
+        "...)",
+    )
+    # 20 engines at once came up in about 75 s in eager mode; torch.compile
+    # and CUDA graph capture add to that.
+    parser.add_argument("--startup-timeout", type=float, default=270.0)
     parser.add_argument(
         "--reference-site", type=Path, help="vLLM of the references (first tree's)"
     )
@@ -441,22 +490,15 @@ def main() -> int:
             "hang_limit": args.hang_limit,
             "seed": args.seed,
         },
-        "cells": {},
+        "modes": {mode: {} for mode in args.mode},  # start-up, references
+        "cells": {},  # "<mode>:<tree>:<send_type>" -> results
     }
-    cells = plan_cells(args.tree, gpus)
-    refs = plan_references(gpus)
     ref_site = args.reference_site or args.tree[0].site
     try:
-        with servers.ServerGroup() as group:
-            started = start_all(args, group, cells, refs, model_dir, ref_site)
-            failed = wait_up(group, started, cells, args.startup_timeout)
-            data["startup_seconds"] = round(time.monotonic() - t0, 1)
-            launch_deadline = t0 + args.budget - args.timeout - 15
-            drives = asyncio.run(
-                drive_all(args, cells, refs, failed, requests, launch_deadline)
-            )
-            alive = {name: s.proc.poll() is None for name, s in started.items()}
-        judge_all(data, cells, refs, failed, drives, requests, started, alive)
+        mode_start = t0
+        for mode in args.mode:
+            run_mode(args, mode, mode_start, gpus, model_dir, ref_site, requests, data)
+            mode_start = time.monotonic()
     finally:
         servers.stop_all()
         data["written"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
@@ -470,25 +512,45 @@ def main() -> int:
     return 0
 
 
-def start_all(args, group, cells, refs, model_dir, ref_site) -> dict:
-    """Start every engine and proxy; name -> Server."""
+def run_mode(args, mode, t0, gpus, model_dir, ref_site, requests, data) -> None:
+    """One execution mode: start its pairs and references, drive them until
+    --budget s after ``t0``, stop them, judge. Results go to data["cells"]
+    and data["modes"][mode]."""
+    facts = data["modes"][mode]
+    cells = plan_cells(args.tree, gpus, mode)
+    refs = plan_references(gpus, mode)
+    log_dir = args.log_dir / mode
+    with servers.ServerGroup() as group:
+        started = start_all(args, group, cells, refs, model_dir, ref_site, log_dir)
+        failed = wait_up(group, started, cells, args.startup_timeout)
+        facts["startup_seconds"] = round(time.monotonic() - t0, 1)
+        launch_deadline = t0 + args.budget - args.timeout - 15
+        drives = asyncio.run(
+            drive_all(args, cells, refs, failed, requests, launch_deadline)
+        )
+        alive = {name: s.proc.poll() is None for name, s in started.items()}
+    judge_all(data, mode, cells, refs, failed, drives, requests, started, alive)
+
+
+def start_all(args, group, cells, refs, model_dir, ref_site, log_dir) -> dict:
+    """Start every engine and proxy, logging under log_dir; name -> Server."""
     started = {}
     for name, spec in refs.items():
         started[spec.name] = group.add(
             servers.start_engine(
                 spec,
                 model_dir,
-                args.log_dir / f"reference-{name}",
+                log_dir / f"reference-{name}",
                 site=ref_site,
                 dtype=args.dtype,
             )
         )
     for cell in cells:
-        log_dir = args.log_dir / cell.key.replace(":", "-")
+        cell_dir = log_dir / f"{cell.tree.name}-{cell.send_type}"
         for spec in (cell.prefill, cell.decode):
             started[spec.name] = group.add(
                 servers.start_engine(
-                    spec, model_dir, log_dir, site=cell.tree.site, dtype=args.dtype
+                    spec, model_dir, cell_dir, site=cell.tree.site, dtype=args.dtype
                 )
             )
         started[cell.key] = group.add(
@@ -496,7 +558,7 @@ def start_all(args, group, cells, refs, model_dir, ref_site) -> dict:
                 cell.proxy_port,
                 cell.prefill,
                 cell.decode,
-                log_dir,
+                cell_dir,
                 timeout=args.timeout + 15,
                 name="proxy",
             )
@@ -564,11 +626,14 @@ async def drive_all(args, cells, refs, failed, requests, launch_deadline) -> dic
     return dict(zip(targets, results, strict=True))
 
 
-def judge_all(data, cells, refs, failed, drives, requests, started, alive) -> None:
+def judge_all(
+    data, mode, cells, refs, failed, drives, requests, started, alive
+) -> None:
+    """Each cell of ``mode`` against that mode's reference A."""
     oracle = answers_of(drives["reference-A"])
     check = answers_of(drives["reference-B"])
     b_vs_a = tally(drives["reference-B"].outcomes, oracle, None, requests)
-    data["reference"] = {
+    data["modes"][mode]["reference"] = {
         "b_vs_a": b_vs_a,
         "a_failed": sum(a is None for a in oracle),
         "a_seconds": round(drives["reference-A"].seconds, 1),

@@ -4,6 +4,10 @@ Tests marked ``gpu`` start real vLLM servers; they are skipped at collection
 when no CUDA GPU is visible, before any fixture runs or vllm is imported.
 Settings (environment):
   GPU_TIER_SITE           PYTHONPATH of the servers (a site-packages with vllm/)
+  GPU_TIER_MODE           execution modes of the engines, comma separated:
+                          "default" (vLLM's defaults: CUDA graphs, V2 runner;
+                          the main configuration), or variants such as
+                          "eager", "piecewise", "v1-eager" (servers.MODE_PARTS)
   GPU_TIER_RANDOMIZATION  cells to run, "on" (default) or "on,off"
   GPU_TIER_TIMEOUT        seconds per request (60); longer counts as a hang
   GPU_TIER_DTYPE          --dtype of the engines (float16)

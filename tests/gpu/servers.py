@@ -4,10 +4,17 @@ Each server runs in its own process group (start_new_session=True) and logs
 to <log_dir>/<name>.log; ServerGroup always ends its groups with killpg,
 SIGTERM first, SIGKILL after a grace period. Where each engine runs is decided
 by plan_pd/plan_reference, pure functions of the visible GPUs.
+
+How the engines execute the model is a mode (MODE_PARTS): "default", vLLM's
+own settings (CUDA graphs, cudagraph_mode FULL_AND_PIECEWISE, the V2 model
+runner, async scheduling), is the main configuration; "eager", "piecewise",
+"v1-eager", ... are variants. Both engines of a pair and the reference they
+are compared with always run in the same mode.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -51,7 +58,6 @@ COMMON_ENV: dict[str, str | None] = {
     RANDOMIZATION_OFF: None,
 }
 ENGINE_ARGS = [
-    "--enforce-eager",
     "--max-model-len=1024",
     "--kv-cache-memory-bytes=536870912",
     "--gpu-memory-utilization=0.3",
@@ -60,6 +66,79 @@ ENGINE_ARGS = [
     "--seed=0",
     "--disable-uvicorn-access-log",
 ]
+
+
+def _cudagraph_mode(mode: str) -> str:
+    return "--compilation-config=" + json.dumps({"cudagraph_mode": mode})
+
+
+# Execution modes. "default" adds nothing: vLLM 0.23.0's own settings (CUDA
+# graphs with cudagraph_mode FULL_AND_PIECEWISE, the V2 model runner for
+# Llama, async scheduling), the main configuration of every GPU script. A
+# mode name joins parts with "-" ("v1-eager", "piecewise-sync"); each part
+# adds (vllm serve arguments, environment variables).
+MODE_PARTS: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
+    "default": ((), {}),
+    "eager": (("--enforce-eager",), {}),
+    "piecewise": ((_cudagraph_mode("PIECEWISE"),), {}),
+    "full": ((_cudagraph_mode("FULL"),), {}),
+    "full_decode_only": ((_cudagraph_mode("FULL_DECODE_ONLY"),), {}),
+    "v1": ((), {"VLLM_USE_V2_MODEL_RUNNER": "0"}),
+    "sync": (("--no-async-scheduling",), {}),
+    "async": (("--async-scheduling",), {}),
+}
+DEFAULT_MODE = "default"
+# At most one part of each group in a mode.
+EXCLUSIVE_PARTS = (
+    {"eager", "piecewise", "full", "full_decode_only"},
+    {"sync", "async"},
+)
+
+
+def mode_settings(mode: str) -> tuple[list[str], dict[str, str]]:
+    """(extra vllm serve arguments, extra environment) of a mode."""
+    parts = mode.split("-")
+    for group in EXCLUSIVE_PARTS:
+        if len(group.intersection(parts)) > 1:
+            raise ValueError(f"mode {mode!r}: more than one of {sorted(group)}")
+    args: list[str] = []
+    env: dict[str, str] = {}
+    for part in parts:
+        if part not in MODE_PARTS:
+            known = ", ".join(MODE_PARTS)
+            raise ValueError(f"mode {mode!r}: unknown part {part!r} (parts: {known})")
+        part_args, part_env = MODE_PARTS[part]
+        args += part_args
+        env.update(part_env)
+    return args, env
+
+
+def describe_mode(mode: str) -> str:
+    """The mode and what it adds, for reports: "eager (--enforce-eager)"."""
+    args, env = mode_settings(mode)
+    added = " ".join([*args, *(f"{k}={v}" for k, v in env.items())])
+    return f"{mode} ({added or 'vLLM defaults'})"
+
+
+def parse_modes(text: str) -> list[str]:
+    """A --mode option: mode names, comma separated (argparse type)."""
+    modes = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    if not modes:
+        raise argparse.ArgumentTypeError("no mode given")
+    for mode in modes:
+        try:
+            mode_settings(mode)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return modes
+
+
+def parse_mode(text: str) -> str:
+    """A --mode option that takes one mode (argparse type)."""
+    modes = parse_modes(text)
+    if len(modes) > 1:
+        raise argparse.ArgumentTypeError(f"one mode only, not {text!r}")
+    return modes[0]
 
 
 def log_root() -> Path:
@@ -76,11 +155,16 @@ class EngineSpec:
     kv_role: str | None = None  # None: no KV transfer (reference engine)
     kv_port: int | None = None
     send_type: str | None = None
-    extra_args: list[str] = field(default_factory=list)  # after ENGINE_ARGS
+    mode: str = DEFAULT_MODE  # execution mode (MODE_PARTS)
+    # After ENGINE_ARGS and the mode's arguments; they win over both.
+    extra_args: list[str] = field(default_factory=list)
     # Merged into kv_transfer_config (e.g. kv_buffer_size,
     # kv_load_failure_policy) and into its kv_connector_extra_config.
     kv_overrides: dict = field(default_factory=dict)
     kv_extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        mode_settings(self.mode)  # an unknown mode fails here, not in vllm serve
 
     @property
     def kv_address(self) -> str:
@@ -110,7 +194,8 @@ class EngineSpec:
         }
 
     def args(self, model_dir: str | Path, dtype: str = "float16") -> list[str]:
-        overridden = {a.split("=", 1)[0] for a in self.extra_args}
+        extra = [*mode_settings(self.mode)[0], *self.extra_args]
+        overridden = {a.split("=", 1)[0] for a in extra}
         args = [
             f"--model={model_dir}",
             f"--served-model-name={MODEL_NAME}",
@@ -118,11 +203,15 @@ class EngineSpec:
             f"--port={self.port}",
             f"--dtype={dtype}",
             *(a for a in ENGINE_ARGS if a.split("=", 1)[0] not in overridden),
-            *self.extra_args,
+            *extra,
         ]
         if (config := self.kv_transfer_config()) is not None:
             args.append("--kv-transfer-config=" + json.dumps(config))
         return args
+
+    def environment(self) -> dict[str, str | None]:
+        """COMMON_ENV, then the mode's variables, then the spec's own env."""
+        return {**COMMON_ENV, **mode_settings(self.mode)[1], **self.env}
 
 
 def plan_pd(
@@ -132,8 +221,9 @@ def plan_pd(
     randomization: bool,
     ports: Sequence[int],
     slot: int = 0,
+    mode: str = DEFAULT_MODE,
 ) -> tuple[EngineSpec, EngineSpec]:
-    """Prefill and decode engine of one cell.
+    """Prefill and decode engine of one cell, both in execution mode ``mode``.
 
     ports: prefill http, prefill kv, decode http, decode kv. Two or more GPUs:
     prefill on the first, decode on the second. One GPU: both on it; NCCL
@@ -159,15 +249,22 @@ def plan_pd(
         if len(gpus) == 1:
             env.update(NCCL_HOSTID=f"{role}{slot}", NCCL_SOCKET_IFNAME="lo")
         kv_role = "kv_producer" if role == "prefill" else "kv_consumer"
-        specs.append(EngineSpec(f"{role}{slot}", http, env, kv_role, kv, send_type))
+        specs.append(
+            EngineSpec(f"{role}{slot}", http, env, kv_role, kv, send_type, mode)
+        )
     return specs[0], specs[1]
 
 
-def plan_reference(gpus: Sequence[str], port: int) -> EngineSpec:
-    """The plain engine (no KV transfer) whose answers are the expected ones."""
+def plan_reference(
+    gpus: Sequence[str], port: int, mode: str = DEFAULT_MODE
+) -> EngineSpec:
+    """The plain engine (no KV transfer) whose answers are the expected ones.
+
+    ``mode`` must be that of the pairs it is compared with.
+    """
     if not gpus:
         raise ValueError("no GPU visible")
-    return EngineSpec("reference", port, {"CUDA_VISIBLE_DEVICES": gpus[0]})
+    return EngineSpec("reference", port, {"CUDA_VISIBLE_DEVICES": gpus[0]}, mode=mode)
 
 
 def visible_gpus() -> list[str]:
@@ -253,7 +350,7 @@ def start_engine(
     dtype: str = "float16",
 ) -> Server:
     """Start ``spec`` with the vLLM found on PYTHONPATH=site (or inherited)."""
-    env = {**COMMON_ENV, **spec.env}
+    env = spec.environment()
     if site is not None:
         env["PYTHONPATH"] = str(site)
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -381,6 +478,7 @@ def pd_stack(
     dtype: str = "float16",
     proxy_timeout: float = 300.0,
     slot: int = 0,
+    mode: str = DEFAULT_MODE,
 ) -> Iterator[PDStack]:
     """Prefill + decode + proxy; yields their URLs (a PDStack)."""
     *engine_ports, proxy_port = free_ports(5)
@@ -390,6 +488,7 @@ def pd_stack(
         randomization=randomization,
         ports=engine_ports,
         slot=slot,
+        mode=mode,
     )
     with ServerGroup() as group:
         for spec in (prefill, decode):
@@ -426,9 +525,10 @@ def reference_stack(
     *,
     site: str | Path | None = None,
     dtype: str = "float16",
+    mode: str = DEFAULT_MODE,
 ) -> Iterator[str]:
-    """The reference engine alone; yields its base URL."""
-    spec = plan_reference(gpus, free_ports(1)[0])
+    """The reference engine alone, in execution mode ``mode``; yields its URL."""
+    spec = plan_reference(gpus, free_ports(1)[0], mode)
     with ServerGroup() as group:
         group.add(start_engine(spec, model_dir, log_dir, site=site, dtype=dtype))
         group.wait_healthy()

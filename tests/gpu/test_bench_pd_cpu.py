@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "ci" / "gpu"))
 
 import bench_pd  # noqa: E402
 import nccl_bw  # noqa: E402
+import servers  # noqa: E402
 
 pytestmark = pytest.mark.cpu
 
@@ -159,6 +160,11 @@ def test_engine_plan_and_pairs():
             assert "--load-format=dummy" in cmd
             assert "--no-enable-chunked-prefill" in cmd
             assert "--no-enable-prefix-caching" in cmd
+            # vLLM's default execution mode: no eager, no graph settings
+            assert plan.mode == "default"
+            assert not [a for a in cmd if "eager" in a or "compilation" in a]
+            env = plan.env(spec, "/site")
+            assert env == {**servers.COMMON_ENV, **spec.env, "PYTHONPATH": "/site"}
             kv = json.loads(cmd[-1].split("=", 1)[1])
             assert kv["kv_connector_extra_config"]["send_type"] == "PUT_ASYNC"
             assert kv["kv_port"] == spec.kv_port
@@ -169,11 +175,27 @@ def test_engine_plan_and_pairs():
         bench_pd.plan_pairs(["0"], list(range(8)))
 
 
+def test_a_mode_reaches_every_engine_of_both_trees():
+    plan = bench_pd.EnginePlan(mode="v1-eager", extra_args=["--async-scheduling"])
+    specs = bench_pd.plan_pairs(["0", "1"], list(range(9000, 9008)))
+    for spec in (s for pair in specs.values() for s in pair):
+        cmd = bench_pd.engine_command(spec, plan, Path("/m"))
+        i = cmd.index("--enforce-eager")
+        assert cmd[i + 1] == "--async-scheduling"  # --engine-arg comes last
+        assert plan.env(spec, "/site")["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+        assert plan.env(spec, "/site")["CUDA_VISIBLE_DEVICES"] in ("0", "1")
+
+
 def test_parse_args_quick_and_defaults():
     base = ["--stock-site", "/s", "--patched-site", "/p", "--out", "/o"]
     full = bench_pd.parse_args(base)
     quick = bench_pd.parse_args([*base, "--quick"])
     assert (full.pairs, full.requests, full.concurrency) == (16, 48, 12)
+    assert full.mode == "default"
+    assert bench_pd.parse_args([*base, "--mode", "piecewise"]).mode == "piecewise"
+    for bad in ("eager,default", "turbo"):
+        with pytest.raises(SystemExit):
+            bench_pd.parse_args([*base, "--mode", bad])
     assert quick.pairs < full.pairs and quick.requests < full.requests
     assert bench_pd.parse_args([*base, "--quick", "--pairs", "5"]).pairs == 5
 
@@ -220,6 +242,8 @@ def test_save_writes_json_and_markdown(tmp_path):
     saved = json.loads((tmp_path / "bench_pd.json").read_text())
     assert saved["ratios"]["tokens_per_s"]["ratio"] == 1.0
     md = (tmp_path / "bench_pd.md").read_text()
+    assert "| execution mode | eager |" in md  # saved before modes: eager
+    assert "| execution mode | default |" in bench_pd.render(dict(data, mode="default"))
     assert "| output tokens/s | 101.0 | 101.0 | 1.0000 |" in md
     assert "| 1024 | 134217728 | 134.2 (1.00) |" in md
     assert "GPU0 X NV18" in md and "a note" in md
@@ -322,6 +346,10 @@ def test_bench_combine_keeps_pairs_apart_and_refuses_other_workloads():
     assert sorted(pairs) == [(90.0, 91.0), (100.0, 101.0), (110.0, 108.0)]
     with pytest.raises(SystemExit, match="workload"):
         bench_combine.pooled_rounds([a, run("other", [(1.0, 1.0)])])
+    # runs from before execution modes ran eager: they pool with eager runs only
+    assert bench_combine.pooled_rounds([a, dict(b, mode="eager")])
+    with pytest.raises(SystemExit, match="execution mode"):
+        bench_combine.pooled_rounds([a, dict(b, mode="default")])
 
 
 def test_request_records_one_per_prompt_in_prompt_order():

@@ -7,6 +7,10 @@ the vLLM this interpreter finds, or the one under $GPU_TIER_SITE (PYTHONPATH).
 With the patch, every send_type must be correct with request id randomization
 on (vLLM's default); stock 0.23.0 hangs (PUT, PUT_ASYNC) or answers wrongly
 (GET) there. GPU_TIER_RANDOMIZATION=on,off adds the cells with it off.
+
+The engines run in vLLM's default execution mode (CUDA graphs, V2 model
+runner); GPU_TIER_MODE=default,eager adds the cells of another mode (the
+reference engine then runs once per mode, in that mode).
 """
 
 from __future__ import annotations
@@ -23,14 +27,20 @@ SITE = os.environ.get("GPU_TIER_SITE") or None
 DTYPE = os.environ.get("GPU_TIER_DTYPE", "float16")
 TIMEOUT = float(os.environ.get("GPU_TIER_TIMEOUT", "60"))
 RANDOMIZATION = os.environ.get("GPU_TIER_RANDOMIZATION", "on").split(",")
+MODES = servers.parse_modes(os.environ.get("GPU_TIER_MODE", servers.DEFAULT_MODE))
 REQUESTS = workload.build_requests(16)
 
 
+@pytest.fixture(scope="session", params=MODES)
+def mode(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
-def reference(tiny_model_dir, gpus) -> list[dict]:
-    log_dir = servers.log_root() / "pytest" / "reference"
+def reference(mode, tiny_model_dir, gpus) -> list[dict]:
+    log_dir = servers.log_root() / "pytest" / f"reference-{mode}"
     with servers.reference_stack(
-        tiny_model_dir, gpus, log_dir, site=SITE, dtype=DTYPE
+        tiny_model_dir, gpus, log_dir, site=SITE, dtype=DTYPE, mode=mode
     ) as url:
         outcomes = workload.run(url, REQUESTS, TIMEOUT)
     return workload.reference_of(outcomes, REQUESTS)
@@ -39,7 +49,7 @@ def reference(tiny_model_dir, gpus) -> list[dict]:
 @pytest.mark.parametrize("randomization", RANDOMIZATION)
 @pytest.mark.parametrize("send_type", servers.SEND_TYPES)
 def test_pd_matches_reference(
-    send_type, randomization, reference, tiny_model_dir, gpus, log_dir
+    send_type, randomization, mode, reference, tiny_model_dir, gpus, log_dir
 ):
     with servers.pd_stack(
         tiny_model_dir,
@@ -50,6 +60,7 @@ def test_pd_matches_reference(
         site=SITE,
         dtype=DTYPE,
         proxy_timeout=TIMEOUT + 30,
+        mode=mode,
     ) as pd:
         outcomes = workload.run(pd.proxy, REQUESTS, TIMEOUT)
     verdict = workload.judge(outcomes, reference, REQUESTS)

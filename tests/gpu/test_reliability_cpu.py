@@ -202,6 +202,22 @@ def test_plan_pairs_two_gpus_policies_timeout_small_buffer_on_get_small_only():
     assert len(rel.plan_pairs(["0", "1"], small_buffer=0)) == 6
 
 
+@pytest.mark.parametrize("mode", ["default", "v1-eager"])
+def test_plan_pairs_every_engine_in_the_mode_policies_on_top(mode):
+    pairs = rel.plan_pairs(["0", "1"], small_buffer=1, v1_recompute=True, mode=mode)
+    assert {p.policy for p in pairs} >= {rel.V1_RECOMPUTE, rel.SYNC_RECOMPUTE}
+    for p in pairs:
+        for spec in (p.prefill, p.decode):
+            assert spec.mode == mode
+            args = spec.args("/m")
+            assert ("--enforce-eager" in args) == (mode == "v1-eager")
+            sync = p.policy == rel.SYNC_RECOMPUTE
+            assert ("--no-async-scheduling" in args) == sync
+            runner = spec.environment().get("VLLM_USE_V2_MODEL_RUNNER")
+            v1 = mode == "v1-eager" or p.policy == rel.V1_RECOMPUTE
+            assert runner == ("0" if v1 else None)
+
+
 def test_kv_bytes_per_token_from_the_model_config(tmp_path):
     (tmp_path / "config.json").write_text(
         json.dumps(
@@ -401,13 +417,19 @@ def test_run_pair_and_render(tmp_path):
     sink = asyncio.run(go())
     assert list(sink) == ["retry", "kill"]
     assert all(s["verdict"] == "pass" for s in sink.values())
-    data = {"settings": {"tie_gap": 0.02}, "pairs": {"PUT:fail": sink}}
+    data = {
+        "settings": {"tie_gap": 0.02},
+        "modes": {"default": {"startup_seconds": 80.0}},
+        "pairs": {"default:PUT:fail": sink},
+    }
     out = tmp_path / "rel"
     rel.write(out, data)
     md = out.with_suffix(".md").read_text()
-    assert "| retry | PUT | fail | pass | 5 | 0 | **0** | **0** |" in md
-    assert "| kill | PUT | fail | pass |" in md
-    assert json.loads(out.with_suffix(".json").read_text())["pairs"]["PUT:fail"]
+    assert "| mode default (vLLM defaults) | engines up after 80.0 s |" in md
+    assert "| default | retry | PUT | fail | pass | 5 | 0 | **0** | **0** |" in md
+    assert "| default | kill | PUT | fail | pass |" in md
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["pairs"]["default:PUT:fail"]
 
 
 def test_reference_noise_floor_counts_a_second_pass_that_differs():
@@ -449,8 +471,8 @@ def test_scenario_that_raises_is_recorded_as_fail():
     sink: dict = {}
     asyncio.run(rel.run_pair(h, SETS, REFS, CFG, sink))
     assert sink["overflow"]["verdict"] == "FAIL"
-    assert rel.render({"pairs": {h.key: sink}}).count(
-        "| overflow | GET-small | fail | FAIL"
+    assert rel.render({"pairs": {f"eager:{h.key}": sink}}).count(
+        "| eager | overflow | GET-small | fail | FAIL"
     )
 
 
@@ -468,7 +490,8 @@ def serve_forever(port: int) -> None:
 
 
 def test_main_with_fake_engine_processes(tmp_path, monkeypatch):
-    """Real processes, process groups, SIGKILL, restart on the same ports."""
+    """Real processes, process groups, SIGKILL, restart on the same ports;
+    two execution modes, one after the other."""
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(
@@ -480,7 +503,7 @@ def test_main_with_fake_engine_processes(tmp_path, monkeypatch):
     started = []
 
     def fake_start_engine(spec, model_dir, log_dir, *, site=None, dtype="float16"):
-        started.append(spec.name)
+        started.append((spec.name, spec.mode))
         cmd = [sys.executable, __file__, str(spec.port)]
         env = {"PYTHONPATH": str(ROOT / "tests" / "gpu")}
         return servers.start(spec.name, cmd, env, log_dir, servers.url(spec))
@@ -495,6 +518,7 @@ def test_main_with_fake_engine_processes(tmp_path, monkeypatch):
         "--spread", "0.6", "--kill-requests", "12", "--overflow-requests", "8",
         "--log-dir", str(tmp_path / "logs"), "--budget", "120",
         "--logs-tar", str(tmp_path / "out" / "logs.tar.gz"),
+        "--mode", "default,eager",
     ]  # fmt: skip
     try:
         assert rel.main(argv) == 0
@@ -502,16 +526,35 @@ def test_main_with_fake_engine_processes(tmp_path, monkeypatch):
         servers._STOPPING.clear()  # main() ends with stop_all()
     data = json.loads(out.with_suffix(".json").read_text())
     assert list(data["pairs"]) == [
-        "PUT:recompute", "PUT:fail", "GET-small:recompute", "GET-small:fail"
+        f"{mode}:{pair}"
+        for mode in ("default", "eager")
+        for pair in ("PUT:recompute", "PUT:fail", "GET-small:recompute",
+                     "GET-small:fail")
     ]  # fmt: skip
     for key, per in data["pairs"].items():
         for scenario, parts in per.items():
             assert parts["verdict"] == "pass", (key, scenario, parts["reasons"])
+    # the reference runs in the mode of the pairs it judges
+    modes_of = {
+        name: [m for n, m in started if n == name]
+        for name in ("reference", "GET-small-fail-decode3")
+    }
+    assert modes_of == {
+        "reference": ["default", "eager"],
+        "GET-small-fail-decode3": ["default", "eager"],
+    }
     # each PUT prefill was started twice (the restart), on the same port
-    assert sorted(started).count("PUT-recompute-prefill0") == 2
-    assert data["noise"]["counts"]["correct"] == data["noise"]["n"]
+    assert [m for n, m in started if n == "PUT-recompute-prefill0"] == [
+        "default", "default", "eager", "eager"
+    ]  # fmt: skip
+    for facts in data["modes"].values():
+        assert facts["noise"]["counts"]["correct"] == facts["noise"]["n"]
     assert data["settings"]["small_kv_buffer_size"] == rel.small_buffer_bytes(2048)
-    assert "| kill | PUT | recompute | pass |" in out.with_suffix(".md").read_text()
+    md = out.with_suffix(".md").read_text()
+    assert "| default | kill | PUT | recompute | pass |" in md
+    assert "| eager | kill | PUT | recompute | pass |" in md
+    assert "| mode eager (--enforce-eager) | engines up after" in md
+    assert (tmp_path / "logs" / "eager" / "PUT-recompute" / "restarted").is_dir()
     assert (tmp_path / "out" / "logs.tar.gz").stat().st_size > 0
 
 

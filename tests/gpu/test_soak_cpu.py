@@ -34,7 +34,7 @@ def test_two_gpus_prefill_on_first_decode_on_second_multicast_off():
     trees = [soak.Tree("stock", Path("/s"), False, 65536), soak.Tree("p", Path("/p"))]
     cells = soak.plan_cells(trees, ["0", "1"])
     assert [c.key for c in cells] == [
-        f"{t}:{s}" for t in ("stock", "p") for s in servers.SEND_TYPES
+        f"default:{t}:{s}" for t in ("stock", "p") for s in servers.SEND_TYPES
     ]
     names = [spec.name for c in cells for spec in (c.prefill, c.decode)]
     assert len(set(names)) == len(names)
@@ -61,10 +61,27 @@ def test_two_gpus_prefill_on_first_decode_on_second_multicast_off():
                 spec.kv_transfer_config()["kv_connector_extra_config"]["send_type"]
                 == cell.send_type
             )
+            assert spec.mode == "default"
+            assert "--enforce-eager" not in spec.args("/m")
     refs = soak.plan_references(["0", "1"])
     assert refs["A"].env == {"CUDA_VISIBLE_DEVICES": "0"}
     assert refs["B"].env == {"CUDA_VISIBLE_DEVICES": "1"}
     assert refs["A"].kv_transfer_config() is None
+    assert refs["A"].mode == refs["B"].mode == "default"
+
+
+def test_a_mode_reaches_every_pair_and_both_references():
+    trees = [soak.Tree("stock", Path("/s"), False, 65536)]
+    cells = soak.plan_cells(trees, ["0", "1"], "v1-eager")
+    refs = soak.plan_references(["0", "1"], "v1-eager")
+    assert [c.key for c in cells] == [f"v1-eager:stock:{s}" for s in servers.SEND_TYPES]
+    specs = [s for c in cells for s in (c.prefill, c.decode)] + list(refs.values())
+    for spec in specs:
+        assert spec.mode == "v1-eager"
+        assert "--enforce-eager" in spec.args("/m")
+        assert spec.environment()["VLLM_USE_V2_MODEL_RUNNER"] == "0"
+    # the tree's own prefill budget stays next to the mode's arguments
+    assert "--max-num-batched-tokens=65536" in cells[0].prefill.args("/m")
 
 
 def _answer(tokens, gaps=None) -> dict:
@@ -274,17 +291,27 @@ def test_render_reports_noise_floor_next_to_the_cells():
             "dtype": "float32",
             "tie_gap": 0.02,
         },
-        "reference": {
-            "b_vs_a": soak.tally([_ok([1, 2])], oracle, None, requests),
-            "b_seconds": 1.0,
-            "a_failed": 0,
+        "modes": {
+            "default": {
+                "startup_seconds": 95.0,
+                "reference": {
+                    "b_vs_a": soak.tally([_ok([1, 2])], oracle, None, requests),
+                    "b_seconds": 1.0,
+                    "a_failed": 0,
+                },
+            },
+            "eager": {"startup_seconds": 70.0},  # cut short: no reference
         },
-        "cells": {"p:GET": cell},
+        "cells": {"default:p:GET": cell, "eager:p:GET": cell},
         "written": "now",
     }
     text = soak.render(data)
-    assert "| reference B vs A (noise floor) | correct | 1 | 1 |" in text
-    assert "| p:GET | wrong | 1 | 0 | 0 | **1 (0 = B)** | **0** |" in text
+    assert "| mode default (vLLM defaults) | engines up after 95.0 s |" in text
+    assert "| mode eager (--enforce-eager) | engines up after 70.0 s |" in text
+    assert "| default: reference B vs A (noise floor) | correct | 1 | 1 |" in text
+    for mode in ("default", "eager"):
+        row = f"| {mode}:p:GET | wrong | 1 | 0 | 0 | **1 (0 = B)** | **0** |"
+        assert row in text
     assert "stream-order fix: yes" in text
     assert "float32" in text
     assert "decode: boom" in text
