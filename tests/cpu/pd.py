@@ -56,6 +56,17 @@ BLOCK_SIZE = 16
 NUM_BLOCKS = 512
 MAX_NUM_BATCHED_TOKENS = 128
 LAYERS = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+# How the model runner executes a step, as far as the connector can tell:
+#   eager       every hook runs inside a forward context with attention
+#               metadata (also PIECEWISE graphs: attention runs outside them)
+#   v1_default  the V1 runner under FULL_AND_PIECEWISE: a batch whose requests
+#               all run one token replays a FULL graph, which skips the
+#               attention layers' save_kv_layer hooks
+#   v2_default  the V2 runner under FULL_AND_PIECEWISE (vLLM 0.23.0's default):
+#               as v1_default, and such a batch's start_load_kv runs outside
+#               any forward context (attn_metadata None)
+#   v2_full     the V2 runner under FULL: every batch replays a FULL graph
+EXECUTION_MODES = ("eager", "v1_default", "v2_default", "v2_full")
 KV_WIDTH = 4  # per token: token id, position, layer index, request tag
 VOCAB = 1000
 # The real-ZMQ tests bind these; another port lets two runs share a machine.
@@ -154,9 +165,12 @@ class PDEngine:
         kv_port: int,
         send_type: str,
         num_blocks: int = NUM_BLOCKS,
+        mode: str = "eager",
         **kv_options,
     ):
+        assert mode in EXECUTION_MODES, mode
         self.kv_role = kv_role
+        self.mode = mode
         self.vllm_config = build_vllm_config(
             model_dir, kv_role, kv_port, send_type, **kv_options
         )
@@ -208,6 +222,8 @@ class PDEngine:
         self.finish_reasons: dict[str, object] = {}
         # request id -> number of prompt chunks it was prefilled in
         self.prefill_chunks: dict[str, int] = {}
+        # steps that replayed a FULL CUDA graph
+        self.full_graph_steps = 0
 
     # ---- front end: what AsyncLLM does with an incoming request
     def add_request(
@@ -275,20 +291,34 @@ class PDEngine:
                 return
         raise AssertionError(f"{self.kv_role}: requests did not finish")
 
+    def _full_graph(self, out: SchedulerOutput) -> bool:
+        """Whether the model runner replays a FULL CUDA graph for this step."""
+        num_tokens = out.num_scheduled_tokens.values()
+        if self.mode == "eager" or not num_tokens:
+            return False
+        return self.mode == "v2_full" or all(n == 1 for n in num_tokens)
+
     def _execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self._update_worker_state(out)
         attn_metadata = (
             {name: object() for name in LAYERS} if out.num_scheduled_tokens else None
         )
+        full_graph = self._full_graph(out)
+        self.full_graph_steps += full_graph
         with set_forward_context(attn_metadata, self.vllm_config):
             self.connector.bind_connector_metadata(out.kv_connector_metadata)
             self.connector_requests.update(
                 r.request_id for r in out.kv_connector_metadata.requests
             )
-            self.connector.start_load_kv(get_forward_context())
+            if full_graph and self.mode.startswith("v2"):
+                # The V2 runner's KVConnector.pre_forward for a FULL graph.
+                with set_forward_context(None, self.vllm_config):
+                    self.connector.start_load_kv(get_forward_context())
+            else:
+                self.connector.start_load_kv(get_forward_context())
             self._record_loaded_kv(out)
             if attn_metadata is not None:
-                self._forward(out, attn_metadata)
+                self._forward(out, attn_metadata, save_hooks=not full_graph)
             self.connector.wait_for_save()
             sending, recving = self.connector.get_finished(out.finished_req_ids)
             # As vLLM's model runner does (KVConnectorModelRunnerMixin).
@@ -350,8 +380,12 @@ class PDEngine:
                 name: self.kv_caches[name][blocks, offsets].clone() for name in LAYERS
             }
 
-    def _forward(self, out: SchedulerOutput, attn_metadata) -> None:
-        """Stand-in model: write each scheduled token's KV, layer by layer."""
+    def _forward(self, out: SchedulerOutput, attn_metadata, save_hooks: bool) -> None:
+        """Stand-in model: write each scheduled token's KV, layer by layer.
+
+        save_hooks: whether each attention layer calls save_kv_layer (not in a
+        FULL CUDA graph's replay).
+        """
         for layer_idx, name in enumerate(LAYERS):
             cache = self.kv_caches[name]
             for req_id, num in out.num_scheduled_tokens.items():
@@ -364,7 +398,10 @@ class PDEngine:
                         for p in range(start, start + num)
                     ]
                 )
-            self.connector.save_kv_layer(name, compat.kv_layer(cache), attn_metadata)
+            if save_hooks:
+                self.connector.save_kv_layer(
+                    name, compat.kv_layer(cache), attn_metadata
+                )
 
     def _sample(self, out: SchedulerOutput, kv_output: KVConnectorOutput):
         """Next token: a function of the KV cache the request attends to."""

@@ -15,7 +15,9 @@ timeout); GET decode computes on KV it never received (wrong text).
 import pytest
 
 from .pd import (
+    BLOCK_SIZE,
     DECODE_KV_PORT,
+    EXECUTION_MODES,
     LAYERS,
     MAX_NUM_BATCHED_TOKENS,
     PREFILL_KV_PORT,
@@ -53,6 +55,14 @@ def make_prompt(index: int, length: int) -> list[int]:
     return [(index * 131 + i * 7) % 990 + 5 for i in range(length)]
 
 
+def make_prompts(workload: list[tuple[int, int, str]]) -> dict:
+    """external id -> (prompt, n) for each (prompt length, n, API prefix)."""
+    return {
+        f"{api_prefix}-{proxy_request_id()}-0": (make_prompt(i, length), n)
+        for i, (length, n, api_prefix) in enumerate(workload)
+    }
+
+
 @pytest.mark.timeout(HANG_TIMEOUT_S)
 @pytest.mark.parametrize("workload", list(WORKLOADS))
 @pytest.mark.parametrize("randomization", ["on", "off"])
@@ -63,18 +73,68 @@ def test_pd_transfer(
     set_randomization(monkeypatch, randomization)
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
     decode = PDEngine(tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type)
+    prompts = make_prompts(WORKLOADS[workload])
+    transfer_and_check(prefill, decode, prompts, randomization)
+    if workload == "concurrent8":
+        assert max(prefill.prefill_chunks.values(), default=1) > 1, "no chunked prefill"
 
-    prompts = {}
-    for i, (length, n, api_prefix) in enumerate(WORKLOADS[workload]):
-        external_id = f"{api_prefix}-{proxy_request_id()}-0"
-        prompts[external_id] = (make_prompt(i, length), n)
 
+# Workloads whose steps take each CUDA graph path of the model runner: on
+# decode, every first step of a request runs one token; on prefill, the last
+# chunk of a prompt one token longer than the step's budget runs one token,
+# and so does a prompt whose full blocks are all in the prefix cache.
+GRAPH_WORKLOADS = {
+    "concurrent8": WORKLOADS["concurrent8"],
+    "last_chunk_of_one_token": [(MAX_NUM_BATCHED_TOKENS + 1, 1, "cmpl")],
+    "prefix_cached": [(2 * BLOCK_SIZE + 1, 1, "cmpl")],
+}
+
+
+@pytest.mark.timeout(HANG_TIMEOUT_S)
+@pytest.mark.parametrize("workload", list(GRAPH_WORKLOADS))
+@pytest.mark.parametrize("mode", EXECUTION_MODES)
+@pytest.mark.parametrize("randomization", ["on", "off"])
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
+def test_pd_transfer_under_cuda_graphs(
+    network, tiny_model_dir, monkeypatch, send_type, randomization, mode, workload
+):
+    """vLLM's default execution mode replays FULL CUDA graphs for batches of
+    one-token requests: the attention layers' save_kv_layer hooks do not run,
+    and the V2 runner calls start_load_kv without attention metadata. Stock
+    0.22/0.23 decode then never loads the KV (wrong text, with randomization
+    on or off)."""
+    set_randomization(monkeypatch, randomization)
+    prefill = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type, mode=mode
+    )
+    decode = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, mode=mode
+    )
+    prompts = make_prompts(GRAPH_WORKLOADS[workload])
+    if workload == "prefix_cached":
+        # The same prompt came before for another decode engine (1P2D).
+        other = PDEngine(
+            tiny_model_dir, "kv_consumer", DECODE_KV_PORT + 1, send_type, mode=mode
+        )
+        earlier = {
+            f"cmpl-{proxy_request_id(decode_port=DECODE_KV_PORT + 1)}-0": p
+            for p in prompts.values()
+        }
+        transfer_and_check(prefill, other, earlier, randomization)
+    transfer_and_check(prefill, decode, prompts, randomization)
+    if mode != "eager":
+        assert prefill.full_graph_steps or workload == "concurrent8"
+        assert decode.full_graph_steps, "decode replayed no FULL graph"
+
+
+def transfer_and_check(
+    prefill: PDEngine, decode: PDEngine, prompts: dict, randomization: str
+) -> None:
+    """Prompts through the proxy's two steps; decode's KV and text are right."""
     # Proxy step 1: prefill with max_tokens=1; the producer saves the KV.
     for external_id, (prompt, n) in prompts.items():
         prefill.add_request(external_id, prompt, max_tokens=1, n=n)
     prefill.run_until_idle()
-    if workload == "concurrent8":
-        assert max(prefill.prefill_chunks.values(), default=1) > 1, "no chunked prefill"
 
     # Proxy step 2: decode; the consumer loads the KV, then generates.
     completions = [
