@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One entry point for the GPU runs on a lent 2-GPU machine (/work/notes/device-plan.md):
+# One entry point for the GPU runs on a lent GPU machine (ci/gpu/README.md):
 #   bash ci/gpu/device.sh install                  # after the chunk runs: vLLM + trees
 #   bash ci/gpu/device.sh soak OUT [soak.py opts]  # issue 10: stock / series-nofix / series
 #   bash ci/gpu/device.sh reliability OUT [opts]   # issue 9: ci/gpu/reliability.py
