@@ -39,7 +39,10 @@ def _connector_dispatches_on_layout() -> bool:
         P2pNcclConnector,
     )
 
-    consts = P2pNcclConnector.save_kv_layer.__code__.co_consts
+    # save_kv_layer, or the helper it sends through (0013's _send_layer).
+    names = ("save_kv_layer", "_send_layer")
+    methods = [getattr(P2pNcclConnector, n, None) for n in names]
+    consts = [c for m in methods if m is not None for c in m.__code__.co_consts]
     return any(getattr(c, "co_name", None) == "extract_kv_from_layer" for c in consts)
 
 

@@ -209,6 +209,10 @@ class PDEngine:
             self.connector = KVConnectorFactory.create_connector(
                 self.vllm_config, KVConnectorRole.WORKER, self.kv_cache_config
             )
+            # As the model runner does once the KV cache is allocated.
+            self.connector.register_kv_caches(
+                {name: compat.kv_layer(self.kv_caches[name]) for name in LAYERS}
+            )
         self.transport = self.connector.p2p_nccl_engine
         self.requests: dict[str, WorkerRequest] = {}
         self.completions: dict[str, Completion] = {}
