@@ -194,53 +194,62 @@ def cell(outcomes: list[str]) -> str:
     return ", ".join(f"{k} {v}/{len(outcomes)}" for k, v in sorted(counts.items()))
 
 
+def print_table(results: dict[str, dict[str, str]], columns: list[str], rows) -> None:
+    """One markdown table: ``rows`` are (first cells, which case names count)."""
+    trees = list(results)
+    print("| " + " | ".join(columns + trees) + " |")
+    print("|" + "---|" * (len(columns) + len(trees)))
+    for labels, counts in rows:
+        outs = [
+            cell([o for n, o in sorted(results[tree].items()) if counts(n)])
+            for tree in trees
+        ]
+        print("| " + " | ".join(labels + outs) + " |")
+
+
 def print_matrix(results: dict[str, dict[str, str]]) -> None:
     trees = list(results)
     print(
         "\nCPU two-engine tier: send type x randomization x tree (cases per cell:"
         " one request, 8 concurrent with a chunked prefill, n=2, decode preemption)"
     )
-    print("| send type | randomization | " + " | ".join(trees) + " |")
-    print("|---|---|" + "---|" * len(trees))
-    for send in SEND_TYPES:
-        for rand in ("on", "off"):
-            line = [send, rand.upper()]
-            for tree in trees:
-                outs = [
-                    o
-                    for n, o in sorted(results[tree].items())
-                    if parse(n)[0] in TRANSFER_TESTS and parse(n)[1:] == (send, rand)
-                ]
-                line.append(cell(outs))
-            print("| " + " | ".join(line) + " |")
+
+    def transfer_case(send: str, rand: str):
+        return lambda n: parse(n)[0] in TRANSFER_TESTS and parse(n)[1:] == (send, rand)
+
+    print_table(
+        results,
+        ["send type", "randomization"],
+        [
+            ([send, rand.upper()], transfer_case(send, rand))
+            for send in SEND_TYPES
+            for rand in ("on", "off")
+        ],
+    )
     print(
         f"\n{GRAPH_TEST}: CUDA graph path x randomization x tree (cases per cell:"
         " 3 send types x 8 concurrent, a last prefill chunk of one token, a prompt"
         " in prefill's prefix cache)"
     )
-    print("| mode | randomization | " + " | ".join(trees) + " |")
-    print("|---|---|" + "---|" * len(trees))
-    modes = sorted(
-        {
-            graph_params(n)[0]
-            for r in results.values()
-            for n in r
-            if parse(n)[0] == GRAPH_TEST
-        }
+    graph_cases = {n for r in results.values() for n in r if parse(n)[0] == GRAPH_TEST}
+
+    def graph_case(mode: str, rand: str):
+        def counts(name: str) -> bool:
+            if name not in graph_cases:
+                return False
+            return graph_params(name)[0] == mode and parse(name)[2] == rand
+
+        return counts
+
+    print_table(
+        results,
+        ["mode", "randomization"],
+        [
+            ([mode, rand.upper()], graph_case(mode, rand))
+            for mode in sorted({graph_params(n)[0] for n in graph_cases})
+            for rand in ("on", "off")
+        ],
     )
-    for mode in modes:
-        for rand in ("on", "off"):
-            line = [mode, rand.upper()]
-            for tree in trees:
-                outs = [
-                    o
-                    for n, o in sorted(results[tree].items())
-                    if parse(n)[0] == GRAPH_TEST
-                    and parse(n)[2] == rand
-                    and graph_params(n)[0] == mode
-                ]
-                line.append(cell(outs))
-            print("| " + " | ".join(line) + " |")
     tables = (*TRANSFER_TESTS, GRAPH_TEST)
     others = sorted(
         {n for r in results.values() for n in r if parse(n)[0] not in tables}
