@@ -195,15 +195,15 @@ UNKNOWN_PEER_PUT = msgpack.dumps(
 
 
 @contextlib.contextmanager
-def producer_connections(consumer_address: str):
-    """Opens DEALER sockets to the consumer with the producer's identity, as
-    the producer's create_connect does; all closed at the end."""
+def producer_connections(consumer_address: str, port: int = PREFILL_KV_PORT):
+    """Opens DEALER sockets to the consumer with the identity of the producer
+    at ``port``, as its create_connect does; all closed at the end."""
     context = zmq.Context()
     sockets: list[zmq.Socket] = []
 
     def connect() -> zmq.Socket:
         sock = context.socket(zmq.DEALER)
-        sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{PREFILL_KV_PORT}")
+        sock.setsockopt_string(zmq.IDENTITY, f"{HOST}:{port}")
         sock.connect(f"tcp://{consumer_address}")
         sockets.append(sock)
         return sock

@@ -8,8 +8,12 @@ sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
 ``drop_connection``. Replaced, as the CUDA/NCCL side of the wire:
 
 - ``NCCLLibrary``: ``ncclCommInitRank`` is a rendezvous of the two ranks that
-  share a unique id (it blocks until the other rank joins, as NCCL does, up
-  to ``HANDSHAKE_TIMEOUT_S``, then raises instead of hanging the test);
+  share a unique id. It blocks until the other rank joins, as NCCL does; a
+  rank that never joins makes it raise after ``HANDSHAKE_TIMEOUT_S``, as NCCL
+  over NVLink did when the peer died. Over NCCL's socket transport (one GPU,
+  or sockets and IB between hosts) it waits for good: with the
+  ``socket_transport`` fixture it blocks until the test ends (every process
+  ends then, and so does the wait, with an error);
 - ``send``/``recv`` (``ncclSend``/``ncclRecv`` plus a stream sync): a queue
   per communicator and direction; a send returns once the peer's recv took
   the tensor, as an NCCL send of KV-sized data does (after
@@ -38,11 +42,15 @@ from .transport import HOST
 
 HANDSHAKE_TIMEOUT_S = 10.0
 RECV_TIMEOUT_S = 10.0
+# Set when the test ends: every engine's process ends, and an NCCL call that
+# still waits in it returns with an error.
+PROCESSES_END = threading.Event()
 
 
 class FakeComm:
     def __init__(self) -> None:
-        self.barrier = threading.Barrier(2)
+        # rank -> set once that rank called ncclCommInitRank
+        self.joined = {0: threading.Event(), 1: threading.Event()}
         # rank -> tensors sent to it, each with an event set once received
         self.inbox: dict[int, queue.Queue[tuple[torch.Tensor, threading.Event]]] = {
             0: queue.Queue(),
@@ -80,6 +88,8 @@ class FakeNcclLibrary:
 
     _comms: dict[bytes, FakeComm] = {}
     _lock = threading.Lock()
+    # Whether a handshake with a rank that never joins waits for good.
+    socket_transport = False
 
     def __init__(self, so_file: str | None = None) -> None:
         pass
@@ -94,14 +104,15 @@ class FakeNcclLibrary:
         assert world_size == 2
         with self._lock:
             comm = self._comms.setdefault(bytes(unique_id.internal), FakeComm())
-        # Blocks until the other rank joins, as NCCL does; fails as NCCL does
-        # when the other rank's process is gone.
-        try:
-            comm.barrier.wait(HANDSHAKE_TIMEOUT_S)
-        except threading.BrokenBarrierError:
-            raise RuntimeError(
-                "NCCL error: remote process exited or there was a network error"
-            ) from None
+        # Blocks until the other rank joins, as NCCL does.
+        comm.joined[rank].set()
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
+        while not comm.joined[rank ^ 1].wait(0.01):
+            gave_up = not self.socket_transport and time.monotonic() > deadline
+            if gave_up or PROCESSES_END.is_set():
+                raise RuntimeError(
+                    "NCCL error: remote process exited or there was a network error"
+                )
         return FakeCommEnd(comm)
 
     class _Abort:
@@ -303,7 +314,9 @@ def zmq_wire(monkeypatch, world_group):
     monkeypatch.setattr(p2p_nccl_engine, "NCCLLibrary", FakeNcclLibrary)
     monkeypatch.setattr(p2p_nccl_engine, "TensorMemoryPool", FakeTensorMemoryPool)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    PROCESSES_END.clear()
     yield ZmqP2pEngine
+    PROCESSES_END.set()
     while ZmqP2pEngine.live:
         engine = ZmqP2pEngine.live.pop()
         engine._killed.set()
@@ -312,3 +325,9 @@ def zmq_wire(monkeypatch, world_group):
         # listener died) would block its context's term() in whatever thread
         # collects the engine, in a later test.
         engine.context.destroy(linger=0)
+
+
+@pytest.fixture
+def socket_transport(monkeypatch):
+    """NCCL over sockets: a handshake whose peer never joins waits for good."""
+    monkeypatch.setattr(FakeNcclLibrary, "socket_transport", True)

@@ -1,0 +1,58 @@
+"""A peer that stalls in the NCCL handshake must not stall the others.
+
+Over NCCL's socket transport (two engines on one GPU; sockets or IB between
+hosts, the usual P/D deployment) ``ncclCommInitRank`` does not notice a peer
+that died or stalls before joining: it waits for good. On one H100 a stand-in
+peer that sent NEW with a real NCCL unique id and never joined made every
+later request of the pair fail or hang, also after it was killed (issue 21).
+The wire models that transport here (``socket_transport``: the handshake
+blocks until the test ends).
+
+These tests are the target of the connection layer's redesign (issue 21:
+every NCCL step bounded, one peer cannot stall another's transfers). The
+series as it is fails them: they are strict xfails until it passes them.
+"""
+
+import os
+import time
+
+import msgpack
+import pytest
+
+from .pd import DECODE_KV_PORT, PREFILL_KV_PORT, PDEngine
+from .test_dead_consumer import decode, producer_connections
+from .test_late_answers import OPTIONS, transfer_from_a_new_prefill
+from .zmq_wire import socket_transport, zmq_wire  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 21: ncclCommInitRank is unbounded, and the consumer's one "
+    "listener waits in it while no other peer is served",
+)
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_consumer_serves_a_producer_while_another_never_joins(
+    zmq_wire,  # noqa: F811
+    socket_transport,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    """Another prefill engine (xPyD) asks the consumer for an NCCL handshake
+    and never joins it; it stays connected. A healthy prefill engine's
+    transfers to that consumer must still go through."""
+    consumer = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **OPTIONS
+    )
+    stalled = producer_connections(consumer.transport.zmq_address, PREFILL_KV_PORT + 7)
+    with stalled as connect:
+        connect().send(msgpack.dumps({"cmd": "NEW", "unique_id": os.urandom(128)}))
+        time.sleep(0.5)  # the consumer's listener is in the handshake
+        after, prompt = transfer_from_a_new_prefill(
+            tiny_model_dir,
+            send_type,
+            OPTIONS,
+            "a stalled peer's handshake stalls the healthy prefill's transfers",
+        )
+        decode(consumer, after, prompt)
