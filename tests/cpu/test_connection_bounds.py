@@ -15,6 +15,7 @@ series as it is fails them: they are strict xfails until it passes them.
 
 import os
 import time
+from types import SimpleNamespace
 
 import msgpack
 import pytest
@@ -22,7 +23,7 @@ import pytest
 from .pd import DECODE_KV_PORT, PREFILL_KV_PORT, PDEngine
 from .test_dead_consumer import decode, producer_connections
 from .test_late_answers import OPTIONS, transfer_from_a_new_prefill
-from .zmq_wire import socket_transport, zmq_wire  # noqa: F401
+from .zmq_wire import FakeNcclLibrary, socket_transport, zmq_wire  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -56,3 +57,46 @@ def test_consumer_serves_a_producer_while_another_never_joins(
             "a stalled peer's handshake stalls the healthy prefill's transfers",
         )
         decode(consumer, after, prompt)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 21: a communicator's first ncclRecv is not bounded (the "
+    "watchdog times a transfer only once the call returned), and the "
+    "consumer's one listener waits in it while no other peer is served",
+)
+@pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])
+def test_consumer_serves_a_producer_while_another_never_sends(
+    zmq_wire,  # noqa: F811
+    socket_transport,  # noqa: F811
+    tiny_model_dir,
+    send_type,
+):
+    """Another prefill engine completes its NCCL handshake with the consumer,
+    sends a PUT, gets the answer and never sends the tensor (it hangs; on one
+    H100 every request of a healthy prefill then hung, also after the stalled
+    one was killed). The healthy prefill's transfers must still go through,
+    and the stalled transfer must end as not received."""
+    options = dict(OPTIONS, transfer_timeout_s=0.5)
+    consumer = PDEngine(
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options
+    )
+    unique_id = os.urandom(128)
+    stalled = producer_connections(consumer.transport.zmq_address, PREFILL_KV_PORT + 7)
+    with stalled as connect:
+        sock = connect()
+        sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
+        FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
+        put = {"cmd": "PUT", "tensor_id": "stalled#layer", "shape": [2, 4]}
+        sock.send(msgpack.dumps(dict(put, dtype="float32")))
+        assert sock.poll(5000) and sock.recv() == b"0"
+        # The consumer's listener is in its first ncclRecv from the stalled peer.
+        after, prompt = transfer_from_a_new_prefill(
+            tiny_model_dir,
+            send_type,
+            options,
+            "a peer that never sends stalls the healthy prefill's transfers",
+        )
+        decode(consumer, after, prompt)
+        with consumer.transport.recv_store_cv:
+            assert consumer.transport.recv_store["stalled#layer"] is None

@@ -17,7 +17,10 @@ sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
 - ``send``/``recv`` (``ncclSend``/``ncclRecv`` plus a stream sync): a queue
   per communicator and direction; a send returns once the peer's recv took
   the tensor, as an NCCL send of KV-sized data does (after
-  ``RECV_TIMEOUT_S`` either side raises instead of hanging the test);
+  ``RECV_TIMEOUT_S`` either side raises instead of hanging the test). With
+  ``socket_transport`` a communicator's first send or recv blocks in the
+  call itself until the peer posts its side, or the test ends: NCCL sets up
+  the connection there, before anything could time the transfer;
 - CUDA streams and the pinned memory pool (``HostTensorMemoryPool`` for
   tests that fill it); tensors live on the CPU.
 
@@ -64,6 +67,7 @@ class FakeCommEnd:
     def __init__(self, comm: FakeComm) -> None:
         self.inbox = comm.inbox
         self.aborted = threading.Event()
+        self.connected = False  # a transfer on it went through
 
 
 class _PendingTransfer:
@@ -258,7 +262,7 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self.nccl_calls["send"] += 1
         received = threading.Event()
         comm.inbox[dst].put((tensor.clone(), received))
-        self._wait(
+        self._transfer(
             comm,
             _PendingTransfer(
                 comm, received.wait, "ncclSend: the peer never posted the recv"
@@ -277,7 +281,24 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
             received.set()
             return True
 
-        self._wait(comm, _PendingTransfer(comm, step, "ncclRecv: the peer never sent"))
+        self._transfer(
+            comm, _PendingTransfer(comm, step, "ncclRecv: the peer never sent")
+        )
+
+    def _transfer(self, comm: FakeCommEnd, pending: _PendingTransfer) -> None:
+        """NCCL sets up a communicator's P2P connection inside its first
+        ncclSend/ncclRecv, which blocks until the peer posts its side; over
+        sockets nothing notices a peer that never does (socket_transport)."""
+        if comm.connected or not FakeNcclLibrary.socket_transport:
+            self._wait(comm, pending)
+            comm.connected = True
+            return
+        while not pending.step(0.01):
+            if comm.aborted.is_set():
+                return
+            if PROCESSES_END.is_set():
+                raise RuntimeError("NCCL error: the process ended")
+        comm.connected = True
 
     def _wait(self, comm: FakeCommEnd, pending: _PendingTransfer) -> None:
         """The engine's wait for a transfer on its stream (bounded from 0012 on)."""
