@@ -277,14 +277,24 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+# Ports free_ports handed out in this process. A port stays free until its
+# server binds it, so a later call could hand it out again: two engines of one
+# run on one port (seen: "Address already in use" with 15 servers at once).
+_handed_out: set[int] = set()
+
+
 def free_ports(count: int) -> list[int]:
-    socks = []
+    """``count`` ports free now and never handed out before in this process."""
+    socks, ports = [], []
     try:
-        for _ in range(count):
+        while len(ports) < count:
             s = socket.socket()
             s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
+            socks.append(s)  # open until the end: the OS gives another port
+            if (port := s.getsockname()[1]) not in _handed_out:
+                ports.append(port)
+        _handed_out.update(ports)
+        return ports
     finally:
         for s in socks:
             s.close()

@@ -226,3 +226,10 @@ def test_mode_options():
     assert servers.describe_mode("v1-eager") == (
         "v1-eager (--enforce-eager VLLM_USE_V2_MODEL_RUNNER=0)"
     )
+
+
+def test_free_ports_never_hands_out_a_port_twice():
+    """Engines of one run start after all their ports were chosen: a port
+    handed out twice puts two servers on it (one fails to start)."""
+    ports = [p for _ in range(200) for p in servers.free_ports(5)]
+    assert len(set(ports)) == len(ports)
