@@ -776,14 +776,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overflow-requests", type=int, default=32)
     parser.add_argument("--buffer-requests", type=float, default=2.5)
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument(
-        "--mode",
-        type=servers.parse_modes,
-        default=servers.DEFAULT_MODE,
-        help="execution modes of the engines, comma separated, run one after "
-        "another (default: vLLM's defaults; variants: eager, piecewise, v1-eager, "
-        "...)",
-    )
+    servers.add_mode_argument(parser, in_turn=True)
     parser.add_argument(
         "--budget",
         type=float,

@@ -68,13 +68,7 @@ def main() -> int:
     parser.add_argument(
         "--cells", default="*", help="TREE:SEND_TYPE:on|off globs, comma separated"
     )
-    parser.add_argument(
-        "--mode",
-        type=servers.parse_modes,
-        default=servers.DEFAULT_MODE,
-        help="execution modes of the engines, comma separated (default: "
-        "vLLM's defaults; variants: eager, piecewise, v1-eager, ...)",
-    )
+    servers.add_mode_argument(parser)
     parser.add_argument("--timeout", type=float, default=60.0, help="s per request")
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--parallel", type=int, default=1, help="cells at once")

@@ -428,14 +428,7 @@ def main() -> int:
     parser.add_argument("--hang-limit", type=int, default=8)
     parser.add_argument("--dtype", default="float16")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--mode",
-        type=servers.parse_modes,
-        default=servers.DEFAULT_MODE,
-        help="execution modes of the engines, comma separated, run one after "
-        "another (default: vLLM's defaults; variants: eager, piecewise, v1-eager, "
-        "...)",
-    )
+    servers.add_mode_argument(parser, in_turn=True)
     # 20 engines at once came up in about 75 s in eager mode; torch.compile
     # and CUDA graph capture add to that.
     parser.add_argument("--startup-timeout", type=float, default=270.0)

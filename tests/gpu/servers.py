@@ -133,6 +133,18 @@ def parse_modes(text: str) -> list[str]:
     return modes
 
 
+def add_mode_argument(parser: argparse.ArgumentParser, in_turn: bool = False) -> None:
+    """--mode: the engines' execution modes (in_turn: run one after another)."""
+    parser.add_argument(
+        "--mode",
+        type=parse_modes,
+        default=DEFAULT_MODE,
+        help="execution modes of the engines, comma separated"
+        + (", run one after another" if in_turn else "")
+        + " (default: vLLM's defaults; variants: eager, piecewise, v1-eager, ...)",
+    )
+
+
 def parse_mode(text: str) -> str:
     """A --mode option that takes one mode (argparse type)."""
     modes = parse_modes(text)
