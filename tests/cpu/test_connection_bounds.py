@@ -15,15 +15,18 @@ series as it is fails them: they are strict xfails until it passes them.
 
 import os
 import time
-from types import SimpleNamespace
 
 import msgpack
 import pytest
 
 from .pd import DECODE_KV_PORT, PREFILL_KV_PORT, PDEngine
 from .test_dead_consumer import decode, producer_connections
-from .test_late_answers import OPTIONS, transfer_from_a_new_prefill
-from .zmq_wire import FakeNcclLibrary, socket_transport, zmq_wire  # noqa: F401
+from .test_late_answers import (
+    OPTIONS,
+    put_and_never_send,
+    transfer_from_a_new_prefill,
+)
+from .zmq_wire import socket_transport, zmq_wire  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 # The consumer's listener is the same for PUT and PUT_ASYNC; each case costs
@@ -80,15 +83,9 @@ def test_consumer_serves_a_producer_while_another_never_sends(
     consumer = PDEngine(
         tiny_model_dir, "kv_consumer", DECODE_KV_PORT, SEND_TYPE, **options
     )
-    unique_id = os.urandom(128)
     stalled = producer_connections(consumer.transport.zmq_address, PREFILL_KV_PORT + 7)
     with stalled as connect:
-        sock = connect()
-        sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
-        FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
-        put = {"cmd": "PUT", "tensor_id": "stalled#layer", "shape": [2, 4]}
-        sock.send(msgpack.dumps(dict(put, dtype="float32")))
-        assert sock.poll(5000) and sock.recv() == b"0"
+        put_and_never_send(connect(), "stalled#layer")
         # The consumer's listener is in its first ncclRecv from the stalled peer.
         after, prompt = transfer_from_a_new_prefill(
             tiny_model_dir,

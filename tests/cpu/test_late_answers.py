@@ -86,6 +86,18 @@ def transfer_from_a_new_prefill(
     return after, prompt
 
 
+def put_and_never_send(sock, tensor_id: str) -> None:
+    """As a producer on the DEALER socket ``sock``: complete an NCCL
+    handshake with the consumer, send a PUT, get its answer, and never send
+    the tensor. The consumer's listener then waits for it in ncclRecv."""
+    unique_id = os.urandom(128)
+    sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
+    FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
+    put = {"cmd": "PUT", "tensor_id": tensor_id, "shape": [2, 4]}
+    sock.send(msgpack.dumps(dict(put, dtype="float32")))
+    assert sock.poll(5000) and sock.recv() == b"0"
+
+
 def connected_pair(model_dir: str, send_type: str) -> tuple[PDEngine, PDEngine]:
     """A producer and a consumer that have transferred one request."""
     prefill = PDEngine(model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **OPTIONS)
@@ -226,14 +238,8 @@ def test_consumer_listener_survives_a_producer_that_dies_mid_transfer(
     consumer = PDEngine(
         tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options
     )
-    unique_id = os.urandom(128)
     with producer_connections(consumer.transport.zmq_address) as connect:
-        sock = connect()
-        sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
-        FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
-        put = {"cmd": "PUT", "tensor_id": "gone#layer", "shape": [2, 4]}
-        sock.send(msgpack.dumps(dict(put, dtype="float32")))
-        assert sock.poll(5000) and sock.recv() == b"0"
+        put_and_never_send(connect(), "gone#layer")
     # The producer is gone; the consumer's listener waits for the tensor.
 
     after, prompt = transfer_from_a_new_prefill(
