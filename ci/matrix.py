@@ -35,6 +35,16 @@ TIER = [
     "tests/cpu/test_reliability.py",
     "tests/cpu/test_load_failures.py",
 ]
+# The tests on vLLM's real ZMQ control plane with an in-process NCCL
+# (tests/cpu/zmq_wire.py): the connection layer. The release tier runs them
+# on each patched release (stock has no bounds to test).
+WIRE_TIER = [
+    "tests/cpu/test_connection_bounds.py",
+    "tests/cpu/test_peer_lifecycle.py",
+    "tests/cpu/test_dead_consumer.py",
+    "tests/cpu/test_late_answers.py",
+    "tests/cpu/test_received_kv_lifetime.py",
+]
 # The KV transfer cases; the other tests get a line each.
 TRANSFER_TESTS = ("test_pd_transfer", "test_decode_preempted_and_resumed")
 # tests/cpu/test_load_failures.py: each way decode can miss a request's KV.
@@ -98,7 +108,13 @@ def hang_source(case: ET.Element) -> str | None:
 class TreeRun:
     """The tier on one tree, in a pytest process of its own."""
 
-    def __init__(self, tree: str, log_dir: Path, python: Path | None = None):
+    def __init__(
+        self,
+        tree: str,
+        log_dir: Path,
+        python: Path | None = None,
+        files: list[str] = TIER,
+    ):
         self.tree = tree
         self.python = python or TREES[tree] / "bin" / "python"
         if not self.python.exists():
@@ -110,7 +126,7 @@ class TreeRun:
             str(self.python),
             "-m",
             "pytest",
-            *TIER,
+            *files,
             "-p",
             "no:cacheprovider",
             "-q",

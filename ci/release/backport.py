@@ -67,6 +67,7 @@ from fork import FORMAT_PATCH  # the same stable export as the main series
 
 MAIN_VERSION = "0.23.0"
 
+
 @dataclass(frozen=True)
 class Group:
     """Releases that share one series text.
@@ -95,7 +96,9 @@ NO_V2_DEFAULT = {
 GROUPS = [
     Group("0.14.0", "0.14.1", "0.14.0-0.14.1", NO_V2_DEFAULT),
     Group("0.16.0", "0.16.0", "0.14.0-0.14.1", NO_V2_DEFAULT),
-    Group("0.17.0", "0.18.1", leave_out=NO_V2_DEFAULT),
+    Group("0.17.0", "0.17.1", leave_out=NO_V2_DEFAULT),
+    # 0.18.0 enters the GPU as 0.23.0 does (torch.accelerator.device_index)
+    Group("0.18.0", "0.18.1", leave_out=NO_V2_DEFAULT),
     Group("0.19.0", "0.21.0", leave_out=NO_V2_DEFAULT),
     Group("0.22.0", "0.22.1"),
 ]

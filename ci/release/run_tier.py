@@ -17,8 +17,10 @@ For each release, two cached virtual environments under .cache/release-venvs/
 Both are reused while their stamp matches (same packages; for patched the same
 series bytes), so a rerun on a warm cache only runs the tier. Then the tier
 (tests/cpu/test_two_engine.py and tests/cpu/test_reliability.py) runs on each,
-and the matrix of ci/matrix.py is printed. ``--check`` fails unless stock fails
-exactly where the bug bites and the patched tree passes everywhere, with the
+and the matrix of ci/matrix.py is printed; then, on the patched tree alone, the
+tests on vLLM's real ZMQ control plane (``ci/matrix.py`` WIRE_TIER, the
+connection layer). ``--check`` fails unless stock fails exactly where the bug
+bites and the patched tree passes everywhere (both tiers), with the
 expectations of ci/matrix.py; on a release without
 VLLM_DISABLE_REQUEST_ID_RANDOMIZATION (before 0.17.0) randomization is always
 on, so the "off" cases are expected to behave like "on".
@@ -235,6 +237,16 @@ def run_release(version: str, args) -> dict:
         time.sleep(0.1)
     tier_wall_s = time.monotonic() - t1
     results = {run.tree: run.results() for run in runs}
+    # Then, alone (its bounds are timed), the connection layer on the
+    # patched release: every case must pass.
+    (log_dir / "wire").mkdir(exist_ok=True)
+    wire = matrix.TreeRun("patched", log_dir / "wire", patched, matrix.WIRE_TIER)
+    wire_results = wire.results()
+    wire_bad = [
+        f"patched (real ZMQ): {n}: got {got}, expected pass"
+        for n, got in sorted(wire_results.items())
+        if got != "pass"
+    ]
     tier_s = {run.tree: round(run.end - run.start, 1) for run in runs}
     print(f"\nvLLM {version} (series patches/{series})")
     matrix.print_matrix(results)
@@ -261,14 +273,17 @@ def run_release(version: str, args) -> dict:
         "randomization_switch": info["randomization_switch"],
         "stock": summary(results["stock"]),
         "patched": summary(results["patched"]),
-        "check": "ok" if not bad else f"FAILED ({len(bad)} unexpected)",
-        "unexpected": bad,
+        "patched_wire": summary(wire_results),
+        "check": "ok"
+        if not bad + wire_bad
+        else f"FAILED ({len(bad + wire_bad)} unexpected)",
+        "unexpected": bad + wire_bad,
         "setup_s": round(setup_s, 1),
         "tier_s": tier_s,
         "hangs_reported_by": hangs,
         "tier_wall_s": round(tier_wall_s, 1),
         "total_s": round(time.monotonic() - t0, 1),
-        "cases": results,
+        "cases": {**results, "patched_wire": wire_results},
         "logs": str(
             log_dir.relative_to(ROOT) if log_dir.is_relative_to(ROOT) else log_dir
         ),
@@ -292,18 +307,22 @@ def record(rows: list[dict]) -> None:
         "series applied by `ci/apply_installed.py`; the tier is",
         "tests/cpu/test_two_engine.py and tests/cpu/test_reliability.py. Expected:",
         "stock fails where the bug bites (randomization on; before 0.17.0 it cannot be",
-        "switched off), patched passes every case. Per-case outcomes are in",
+        "switched off), patched passes every case. Then, on the patched tree alone,",
+        "the tests on vLLM's real ZMQ control plane (ci/matrix.py WIRE_TIER: the",
+        "connection layer), every case to pass. Per-case outcomes are in",
         "release-tier.json. Time: the release's wall time on the 2-core dev machine",
         "shared with other jobs (venv setup from a warm uv cache, then both trees",
         "side by side); the tier's part in parentheses.",
         "",
-        "| release | series | torch | stock | patched | check | time |",
-        "|---|---|---|---|---|---|---|",
+        "| release | series | torch | stock | patched | patched, real ZMQ | check "
+        "| time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in data["releases"].values():
         lines.append(
             f"| {r['version']} | {r['series']} | {r['torch']} | {r['stock']} | "
-            f"{r['patched']} | {r['check']} | {r['total_s']:.0f} s "
+            f"{r['patched']} | {r.get('patched_wire', 'not run')} | {r['check']} | "
+            f"{r['total_s']:.0f} s "
             f"({r['tier_wall_s']:.0f} s) |"
         )
     bad = [

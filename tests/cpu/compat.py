@@ -39,7 +39,7 @@ def _connector_dispatches_on_layout() -> bool:
         P2pNcclConnector,
     )
 
-    # save_kv_layer, or the helper it sends through (0013's _send_layer).
+    # save_kv_layer, or the helper it sends through (0010's _send_layer).
     names = ("save_kv_layer", "_send_layer")
     methods = [getattr(P2pNcclConnector, n, None) for n in names]
     consts = [c for m in methods if m is not None for c in m.__code__.co_consts]

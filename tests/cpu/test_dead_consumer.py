@@ -12,6 +12,7 @@ once, and a decode engine restarted at the same address is connected again.
 
 import contextlib
 import logging
+import re
 import threading
 import time
 
@@ -103,8 +104,9 @@ class NoAnswerWarnings(logging.Handler):
         self.tensor_ids: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.getMessage().startswith(self.prefix):
-            self.tensor_ids.append(record.args[1])
+        message = record.getMessage()
+        if message.startswith(self.prefix):
+            self.tensor_ids.append(re.search(r" for (\S+) after ", message)[1])
 
 
 @contextlib.contextmanager
@@ -161,12 +163,14 @@ def test_producer_survives_a_dead_consumer(
     assert sends_of(prefill.transport, lost) == [False] * len(LAYERS)
     assert not prefill.scheduler.has_requests()
 
-    # While nothing listens there, later requests do not wait at all: one
-    # wait and one warning for the peer, not one per layer and request.
+    # While nothing listens there, later requests do not wait at all: at
+    # most one wait for the peer (a PUT sent before the producer saw the
+    # connection close), not one per layer and request.
     lost_again = run_prefill(prefill, make_prompt(3, 20))
     assert sends_of(prefill.transport, lost_again) == [False] * len(LAYERS)
-    (timed_out,) = send_timeouts.tensor_ids
-    assert lost in timed_out and timed_out.endswith(f"#{LAYERS[0]}")
+    timed_out = list(send_timeouts.tensor_ids)
+    assert len(timed_out) <= 1
+    assert all(lost in t and t.endswith(f"#{LAYERS[0]}") for t in timed_out)
 
     # A decode engine restarted at the same address is connected again.
     restarted = PDEngine(
@@ -185,13 +189,21 @@ def test_producer_survives_a_dead_consumer(
         time.sleep(0.05)
     assert sent == [True] * len(LAYERS), "the restarted consumer gets no KV"
     decode(restarted, after, prompt)
-    assert send_timeouts.tensor_ids == [timed_out], "the producer waited again"
+    assert send_timeouts.tensor_ids == timed_out, "the producer waited again"
 
 
 # A PUT from a peer the consumer has no communicator with.
 UNKNOWN_PEER_PUT = msgpack.dumps(
     {"cmd": "PUT", "tensor_id": "x#layer", "shape": [1], "dtype": "float32"}
 )
+
+
+def is_unknown_peer_reply(reply: bytes) -> bool:
+    """The consumer's answer to a PUT from a peer it has no connection with."""
+    old_reply = getattr(p2p_nccl_engine, "UNKNOWN_PEER_PUT_REPLY", None)
+    if old_reply is not None:  # the series before the connection redesign
+        return reply == old_reply
+    return msgpack.loads(reply)["ret"] == p2p_nccl_engine.UNKNOWN_PEER
 
 
 @contextlib.contextmanager
@@ -236,7 +248,7 @@ def test_consumer_answers_a_producer_that_reconnects_at_once(
             sock.send(UNKNOWN_PEER_PUT)
             assert sock.poll(5000), "the consumer did not answer this connection"
             # A peer it has no communicator with: asked to connect again.
-            assert sock.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
+            assert is_unknown_peer_reply(sock.recv())
 
 
 def test_listener_survives_what_a_replaced_connection_still_delivers(
@@ -263,6 +275,6 @@ def test_listener_survives_what_a_replaced_connection_still_delivers(
         transport.resume_listener()
         for _ in range(2):  # its PUT, then one more after both were read
             assert new.poll(5000), "the consumer's listener stopped answering"
-            assert new.recv() == p2p_nccl_engine.UNKNOWN_PEER_PUT_REPLY
+            assert is_unknown_peer_reply(new.recv())
             new.send(UNKNOWN_PEER_PUT)
         assert transport._listener_thread.is_alive()

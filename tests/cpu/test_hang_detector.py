@@ -49,15 +49,19 @@ def kv(value: float) -> torch.Tensor:
     return torch.full((2, 3), value)
 
 
-def slow_wire(engine: InProcessP2pEngine, release: threading.Event) -> None:
-    """Deliveries of the engine's sender wait until release is set."""
+def slow_wire(engine: InProcessP2pEngine, release: threading.Event) -> threading.Event:
+    """Deliveries of the engine's sender wait until release is set. Returns
+    an event set once the sender holds an item."""
     send_sync = engine.send_sync
+    holds = threading.Event()
 
     def delayed(item):
+        holds.set()
         release.wait()
         return send_sync(item)
 
     engine.send_sync = delayed
+    return holds
 
 
 @pytest.mark.parametrize("pair", ["PUT", "PUT_ASYNC"], indirect=True)
@@ -78,13 +82,12 @@ def test_receiver_waiting_for_unsent_key_is_a_hang(pair):
 def test_key_on_its_way_from_put_async_thread_is_no_hang(pair, state):
     prefill, decode = pair
     release = threading.Event()
-    slow_wire(prefill, release)
+    holds = slow_wire(prefill, release)
     if state == "queued":
         # The sender holds a first item; the awaited key waits behind it.
         prefill.send_tensor("req-a#layer0", kv(1.0), decode.zmq_address)
     prefill.send_tensor("req-b#layer0", kv(2.0), decode.zmq_address)
-    while len(prefill.send_queue) > (state == "queued"):
-        time.sleep(0.001)
+    assert holds.wait(DETECT_S)
     # From here on nothing but the PUT_ASYNC thread can deliver the key.
     threading.Timer(DELIVERY_DELAY_S, release.set).start()
 

@@ -8,10 +8,11 @@ asking side gave up before that answer came (``send_timeout_s`` for a PUT,
 the load's ``recv_timeout_s`` for a GET), the series as it was dropped or
 replaced the socket and left the peer's listener waiting for good: later
 transfers between the pair got no answer, and a GET consumer's new NCCL
-handshake with that producer blocked. Patched, the asking side keeps the
-socket and the communicator, reads the late answers in order and does the
-transfers they agreed to (the data is dropped), and a producer that is gone
-costs one timeout, not a handshake that never ends.
+handshake with that producer blocked. Patched, the asking side drops the
+connection (its late answers are skipped: answers name their message) and
+connects again; the new connection replaces the old one at the peer, whose
+transfer the late answer agreed to fails there. A producer that is gone
+costs at most one timeout, not a handshake that never ends.
 """
 
 import itertools
@@ -94,8 +95,10 @@ def put_and_never_send(sock, tensor_id: str) -> None:
     sock.send(msgpack.dumps({"cmd": "NEW", "unique_id": unique_id}))
     FakeNcclLibrary().ncclCommInitRank(2, SimpleNamespace(internal=unique_id), 0)
     put = {"cmd": "PUT", "tensor_id": tensor_id, "shape": [2, 4]}
-    sock.send(msgpack.dumps(dict(put, dtype="float32")))
-    assert sock.poll(5000) and sock.recv() == b"0"
+    sock.send(msgpack.dumps(dict(put, dtype="float32", seq=1)))
+    assert sock.poll(5000)
+    answer = sock.recv()
+    assert answer == b"0" or msgpack.loads(answer)["ret"] == 0
 
 
 def connected_pair(model_dir: str, send_type: str) -> tuple[PDEngine, PDEngine]:
@@ -144,7 +147,6 @@ def test_producer_sends_what_a_late_put_answer_agreed_to(
     decode_without_kv(consumer, late, late_prompt)
     decode(consumer, after, prompt)
     assert consumer.transport._listener_thread.is_alive()
-    assert producer.unanswered == {}
 
 
 def test_consumer_receives_what_a_late_get_answer_agreed_to(
@@ -176,7 +178,6 @@ def test_consumer_receives_what_a_late_get_answer_agreed_to(
     after = run_prefill(prefill, prompt)
     decode(consumer, after, prompt)
     assert producer._listener_thread.is_alive()
-    assert consumer.transport.unanswered == {}
     assert len(get_timeouts.tensor_ids) == 1
 
 
@@ -196,8 +197,8 @@ def test_consumer_does_not_wait_again_for_a_dead_producer(
     # an answer or a new NCCL handshake with the dead producer.
     for external_id, prompt in zip(lost, prompts, strict=True):
         decode_without_kv(consumer, external_id, prompt)
-    (timed_out,) = get_timeouts.tensor_ids
-    assert lost[0] in timed_out
+    timed_out = list(get_timeouts.tensor_ids)
+    assert len(timed_out) <= 1 and all(lost[0] in t for t in timed_out)
 
     # A prefill engine restarted at the same address is connected again.
     restarted = PDEngine(
@@ -219,7 +220,7 @@ def test_consumer_does_not_wait_again_for_a_dead_producer(
     assert loaded(consumer, req_id, prompt), "the restarted producer's KV is not used"
     prompt = make_prompt(1001, 33)
     decode(consumer, run_prefill(restarted, prompt), prompt)
-    assert get_timeouts.tensor_ids == [timed_out], "the consumer waited again"
+    assert get_timeouts.tensor_ids == timed_out, "the consumer waited again"
 
 
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])

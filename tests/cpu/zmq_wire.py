@@ -2,25 +2,26 @@
 
 ``transport.InProcessP2pEngine`` replaces the whole wire. This one keeps all of
 ``P2pNcclEngine`` that is not CUDA or NCCL: ``__init__`` (the ROUTER socket
-bound at ``<host>:<kv_port + rank>``, the listener thread, the PUT_ASYNC
-sender thread), ``create_connect`` (DEALER sockets, the NEW handshake),
-``send_sync`` (PUT and its answer), ``listen_for_requests`` and
-``drop_connection``. Replaced, as the CUDA/NCCL side of the wire:
+bound at ``<host>:<kv_port + rank>``, the listener and its per-connection
+workers, the PUT_ASYNC sender thread), the DEALER sockets and the NEW
+handshake, PUT/GET and their answers, and every wait and abort. Replaced, as
+the CUDA/NCCL side of the wire (``FakeNcclLibrary``):
 
-- ``NCCLLibrary``: ``ncclCommInitRank`` is a rendezvous of the two ranks that
-  share a unique id. It blocks until the other rank joins, as NCCL does; a
-  rank that never joins makes it raise after ``HANDSHAKE_TIMEOUT_S``, as NCCL
-  over NVLink did when the peer died. Over NCCL's socket transport (one GPU,
-  or sockets and IB between hosts) it waits for good: with the
-  ``socket_transport`` fixture it blocks until the test ends (every process
-  ends then, and so does the wait, with an error);
-- ``send``/``recv`` (``ncclSend``/``ncclRecv`` plus a stream sync): a queue
-  per communicator and direction; a send returns once the peer's recv took
-  the tensor, as an NCCL send of KV-sized data does (after
-  ``RECV_TIMEOUT_S`` either side raises instead of hanging the test). With
-  ``socket_transport`` a communicator's first send or recv blocks in the
-  call itself until the peer posts its side, or the test ends: NCCL sets up
-  the connection there, before anything could time the transfer;
+- a communicator is a rendezvous of the two ranks that share a unique id.
+  ``ncclCommInitRankConfig`` (non-blocking) stays in progress
+  (``ncclCommGetAsyncError``) until the other rank joins; a rank that never
+  joins makes it fail after ``HANDSHAKE_TIMEOUT_S``, as NCCL over NVLink did
+  when the peer died. Over NCCL's socket transport (one GPU, or sockets and IB
+  between hosts) it waits for good: with the ``socket_transport`` fixture it
+  stays in progress until aborted or the test ends (every process ends then);
+- ``ncclSend``/``ncclRecv`` queue a transfer on a stream: a queue per
+  communicator and direction; it completes (its CUDA event, ``FakeEvent``)
+  once the peer's side took the tensor, and ``ncclCommAbort`` ends it. With
+  ``socket_transport`` a communicator's first transfer stays in progress
+  until the peer posts its side: NCCL sets up the connection there;
+- for the series before the connection redesign, which called the blocking
+  ``ncclCommInitRank`` and waited on its own ``send``/``recv``: the same
+  rendezvous, blocking in the call (``ZmqP2pEngine.send``/``recv``);
 - CUDA streams and the pinned memory pool (``HostTensorMemoryPool`` for
   tests that fill it); tensors live on the CPU.
 
@@ -30,6 +31,8 @@ its ROUTER socket closes, so nothing listens at its address any more.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
 import queue
 import threading
@@ -65,9 +68,11 @@ class FakeCommEnd:
     """One rank's handle on a FakeComm; ncclCommAbort aborts only this end."""
 
     def __init__(self, comm: FakeComm) -> None:
+        self.comm = comm
         self.inbox = comm.inbox
         self.aborted = threading.Event()
         self.connected = False  # a transfer on it went through
+        self.first_transfer: _QueuedTransfer | None = None
 
 
 class _PendingTransfer:
@@ -124,22 +129,163 @@ class FakeNcclLibrary:
 
         restype = argtypes = None
 
-        def __call__(self, comm: FakeCommEnd) -> int:
+        def __call__(self, comm) -> int:
+            if not isinstance(comm, FakeCommEnd):  # a handle (ncclComm_t)
+                comm = _comm_ends.pop(_value(comm))
             comm.aborted.set()
             return 0
 
     lib = {"ncclCommAbort": _Abort()}
 
+    def ncclGetErrorString(self, result: int) -> str:
+        return f"NCCL error {result}"
+
     def NCCL_CHECK(self, result: int) -> None:
         assert result == 0
 
 
+NCCL_IN_PROGRESS = 7
+NCCL_REMOTE_ERROR = 6
+_handles = itertools.count(1)
+# ncclComm_t, cudaStream_t and buffer values -> what they stand for
+_comm_ends: dict[int, FakeCommEnd] = {}
+_streams: dict[int, FakeStream] = {}
+
+
 class FakeStream:
+    """A CUDA stream: the NCCL sends and recvs queued on it, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        self.cuda_stream = next(_handles)
+        _streams[self.cuda_stream] = self
+        self.queued: list[_QueuedTransfer] = []
+
     def wait_stream(self, stream) -> None:
         pass
 
     def synchronize(self) -> None:
         pass
+
+
+class FakeEvent:
+    """torch.cuda.Event: done once the transfers queued before it are."""
+
+    def record(self, stream: FakeStream) -> None:
+        self.transfers = list(stream.queued)
+
+    def query(self) -> bool:
+        return all(transfer.progress() for transfer in self.transfers)
+
+
+class _QueuedTransfer:
+    """An ncclSend or ncclRecv on a non-blocking communicator: it moves once
+    the peer posts its side; its communicator's abort ends it."""
+
+    def __init__(self, comm: FakeCommEnd, op: str, tensor: torch.Tensor, peer: int):
+        self.comm, self.op, self.tensor, self.peer = comm, op, tensor, peer
+        self.received = threading.Event()
+        self.done = False
+        if op == "send":
+            comm.inbox[peer].put((tensor.clone(), self.received))
+
+    def progress(self) -> bool:
+        if self.done or self.comm.aborted.is_set() or PROCESSES_END.is_set():
+            return True
+        if self.op == "send":
+            self.done = self.received.is_set()
+        else:
+            try:
+                sent, received = self.comm.inbox[self.peer ^ 1].get_nowait()
+            except queue.Empty:
+                return False
+            self.tensor.copy_(sent)
+            received.set()
+            self.done = True
+        if self.done:
+            self.comm.connected = True
+        return self.done
+
+
+_TORCH_DTYPES = {6: torch.float16, 7: torch.float32, 9: torch.bfloat16}
+
+
+class _RawFunction:
+    """A function of the NCCL library as ctypes returns it (raw results)."""
+
+    restype = argtypes = None
+
+    def __init__(self, call) -> None:
+        self._call = call
+
+    def __call__(self, *args) -> int:
+        return self._call(*args)
+
+
+def _value(arg):
+    """The value of a ctypes argument (byref, c_void_p) or a plain one."""
+    arg = getattr(arg, "_obj", arg)
+    return getattr(arg, "value", arg)
+
+
+def _init_rank_config(comm_ref, world_size, unique_id, rank, config_ref) -> int:
+    assert world_size == 2 and _value(config_ref).blocking == 0
+    with FakeNcclLibrary._lock:
+        comm = FakeNcclLibrary._comms.setdefault(bytes(unique_id.internal), FakeComm())
+    comm.joined[rank].set()
+    end = FakeCommEnd(comm)
+    end.rank, end.since = rank, time.monotonic()
+    handle = next(_handles)
+    _comm_ends[handle] = end
+    comm_ref._obj.value = handle
+    return NCCL_IN_PROGRESS
+
+
+def _get_async_error(comm, state_ref) -> int:
+    """ncclCommGetAsyncError: in progress until the peer joins the handshake
+    (and, over sockets, posts its side of the first transfer)."""
+    end = _comm_ends[_value(comm)]
+    if PROCESSES_END.is_set():
+        state = NCCL_REMOTE_ERROR
+    elif not end.comm.joined[end.rank ^ 1].is_set():
+        gave_up = (
+            not FakeNcclLibrary.socket_transport
+            and time.monotonic() - end.since > HANDSHAKE_TIMEOUT_S
+        )
+        state = NCCL_REMOTE_ERROR if gave_up else NCCL_IN_PROGRESS
+    elif end.first_transfer is not None and not end.first_transfer.progress():
+        state = NCCL_IN_PROGRESS
+    else:
+        end.first_transfer = None
+        state = 0
+    state_ref._obj.value = state
+    return 0
+
+
+def _transfer(op: str):
+    def call(buffer, count, datatype, peer, comm, stream) -> int:
+        end = _comm_ends[_value(comm)]
+        dtype = _TORCH_DTYPES[datatype]
+        nbytes = count * torch.empty((), dtype=dtype).element_size()
+        memory = (ctypes.c_char * nbytes).from_address(_value(buffer))
+        tensor = torch.frombuffer(memory, dtype=dtype)
+        transfer = _QueuedTransfer(end, op, tensor, peer)
+        _streams[_value(stream)].queued.append(transfer)
+        if FakeNcclLibrary.socket_transport and not end.connected:
+            # NCCL connects the peers inside the first transfer: the call
+            # stays in progress until the peer posts its side.
+            end.first_transfer = transfer
+            return NCCL_IN_PROGRESS
+        return 0
+
+    return call
+
+
+FakeNcclLibrary.lib.update(
+    ncclCommInitRankConfig=_RawFunction(_init_rank_config),
+    ncclCommGetAsyncError=_RawFunction(_get_async_error),
+    ncclSend=_RawFunction(_transfer("send")),
+    ncclRecv=_RawFunction(_transfer("recv")),
+)
 
 
 class FakeTensorMemoryPool:
@@ -257,7 +403,11 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self.send_results.append((item.tensor_id, sent))
         return sent
 
-    # ---- the NCCL wire
+    def transfer(self, conn, op: str, tensor: torch.Tensor, peer: str) -> None:
+        self.nccl_calls[op] += 1
+        super().transfer(conn, op, tensor, peer)
+
+    # ---- the NCCL wire (the series before the connection redesign)
     def send(self, comm: FakeCommEnd, tensor: torch.Tensor, dst: int, stream=None):
         self.nccl_calls["send"] += 1
         received = threading.Event()
@@ -301,7 +451,7 @@ class ZmqP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         comm.connected = True
 
     def _wait(self, comm: FakeCommEnd, pending: _PendingTransfer) -> None:
-        """The engine's wait for a transfer on its stream (bounded from 0012 on)."""
+        """The wait of the series before the connection redesign."""
         if hasattr(self, "wait_for_transfer"):
             self.wait_for_transfer(comm, pending)
         else:
@@ -335,6 +485,7 @@ def zmq_wire(monkeypatch, world_group):
     monkeypatch.setattr(p2p_nccl_engine, "NCCLLibrary", FakeNcclLibrary)
     monkeypatch.setattr(p2p_nccl_engine, "TensorMemoryPool", FakeTensorMemoryPool)
     monkeypatch.setattr(torch.cuda, "Stream", FakeStream)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     PROCESSES_END.clear()
     yield ZmqP2pEngine
     PROCESSES_END.set()
