@@ -91,3 +91,30 @@ def log_dir(request):
         and not os.environ.get("GPU_TIER_KEEP_LOGS")
     ):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _modes() -> list[str]:
+    from settings import MODES
+
+    return MODES
+
+
+@pytest.fixture(scope="session", params=_modes())
+def mode(request) -> str:
+    """The engines' execution mode (GPU_TIER_MODE), one cell each."""
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def reference(mode, tiny_model_dir, gpus) -> list[dict]:
+    """The workload's answers from a plain engine in the same mode."""
+    import servers
+    import workload
+    from settings import DTYPE, REQUESTS, SITE, TIMEOUT
+
+    log_dir = servers.log_root() / "pytest" / f"reference-{mode}"
+    with servers.reference_stack(
+        tiny_model_dir, gpus, log_dir, site=SITE, dtype=DTYPE, mode=mode
+    ) as url:
+        outcomes = workload.run(url, REQUESTS, TIMEOUT)
+    return workload.reference_of(outcomes, REQUESTS)

@@ -20,30 +20,11 @@ import os
 import pytest
 import servers
 import workload
+from settings import DTYPE, REQUESTS, SITE, TIMEOUT
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(1800)]
 
-SITE = os.environ.get("GPU_TIER_SITE") or None
-DTYPE = os.environ.get("GPU_TIER_DTYPE", "float16")
-TIMEOUT = float(os.environ.get("GPU_TIER_TIMEOUT", "60"))
 RANDOMIZATION = os.environ.get("GPU_TIER_RANDOMIZATION", "on").split(",")
-MODES = servers.parse_modes(os.environ.get("GPU_TIER_MODE", servers.DEFAULT_MODE))
-REQUESTS = workload.build_requests(16)
-
-
-@pytest.fixture(scope="session", params=MODES)
-def mode(request) -> str:
-    return request.param
-
-
-@pytest.fixture(scope="session")
-def reference(mode, tiny_model_dir, gpus) -> list[dict]:
-    log_dir = servers.log_root() / "pytest" / f"reference-{mode}"
-    with servers.reference_stack(
-        tiny_model_dir, gpus, log_dir, site=SITE, dtype=DTYPE, mode=mode
-    ) as url:
-        outcomes = workload.run(url, REQUESTS, TIMEOUT)
-    return workload.reference_of(outcomes, REQUESTS)
 
 
 @pytest.mark.parametrize("randomization", RANDOMIZATION)

@@ -109,7 +109,8 @@ class FakePair:
         self.decode_runner, decode = await serve(
             # Longer than kill_after: a request at decode when prefill dies is
             # answered after the kill, however loaded the machine is.
-            engine(self._decode, self.seen, delay=0.3), self.d_port
+            engine(self._decode, self.seen, delay=0.3),
+            self.d_port,
         )
         p = proxy.Instance(f"127.0.0.1:{self.p_port}", "127.0.0.1:21001")
         d = proxy.Instance(f"127.0.0.1:{self.d_port}", "127.0.0.1:22001")
