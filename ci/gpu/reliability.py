@@ -687,6 +687,7 @@ def render(data: dict) -> str:
         "| | |",
         "|---|---|",
         f"| site | {data.get('site', {})} |",
+        f"| patches/ (sha256) | {data.get('patches', '?')} |",
         f"| topology | {m.get('topology', '?')} |",
         f"| settings | {json.dumps(s)} |",
     ]
@@ -838,6 +839,7 @@ def main(argv=None) -> int:  # pragma: no cover - needs GPUs and vLLM
         import common  # ci/gpu: GPU names, driver, NCCL
 
         data["machine"] = common.machine_info(gpus)
+        data["patches"] = common.patches_digest()
     rc = 0
     try:
         mode_start = t0

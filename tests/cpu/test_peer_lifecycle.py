@@ -135,7 +135,11 @@ def test_producer_gives_up_on_a_consumer_that_never_joins(tiny_model_dir, send_t
         for n in range(2):
             lost = run_prefill(prefill, make_prompt(n, 30))
             assert sends_of(prefill.transport, lost) == [False] * len(LAYERS)
-    transfer_until_it_goes_through(prefill, consumer_engine(tiny_model_dir, send_type))
+    consumer = consumer_engine(tiny_model_dir, send_type)
+    transfer_until_it_goes_through(prefill, consumer)
+    # Every reconnect used the peer's one stream (PyTorch's pool has 32).
+    streams = getattr(prefill.transport, "streams", {})
+    assert list(streams) == [consumer.transport.zmq_address]
 
 
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"])

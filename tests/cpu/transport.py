@@ -245,8 +245,7 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         self.send_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.socks: dict[str, Any] = {}
         self.comms: dict[str, Any] = {}
-        self.comms_lock = threading.Lock()  # the patched engine's
-        self.failed_transfer_ids: set[str] = set()
+        self.failed_peers: set[str] = set()  # the patched engine's
         self.buffer_size = 0
         self.buffer_size_threshold = float(config.kv_buffer_size)
         self.nccl_num_channels = "1"
