@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import sys
 import threading
 import time
 from types import SimpleNamespace
@@ -37,7 +38,12 @@ from .test_load_failures import wait_for
 from .test_reliability import assert_reference_text
 from .test_two_engine import DECODE_MAX_TOKENS, make_prompt
 from .transport import HOST
-from .zmq_wire import FakeNcclLibrary, socket_transport, zmq_wire  # noqa: F401
+from .zmq_wire import (  # noqa: F401
+    FakeNcclLibrary,
+    HostTensorMemoryPool,
+    socket_transport,
+    zmq_wire,
+)
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -220,3 +226,66 @@ def test_sender_survives_an_unexpected_error(tiny_model_dir, monkeypatch):
     after = run_prefill(prefill, prompt)
     assert sends_of(transport, after) == [True] * len(LAYERS)
     decode(consumer, after, prompt)
+
+
+@pytest.mark.parametrize("buffer", [1, 1e9], ids=["host-pool", "gpu"])
+def test_received_kv_accounting_with_two_prefills_at_once(
+    tiny_model_dir, monkeypatch, buffer
+):
+    """Two prefills send to one decode at the same time (two accepted
+    connections, two workers storing) while decode loads and frees, with
+    threads switching every few microseconds; the received KV goes to the
+    host pool or stays on the device. At the end decode holds nothing: the
+    pool is whole and buffer_size is 0. This guards the accounting of
+    several workers; the unlocked updates of the series before the redesign
+    did not show here (3 runs passed there), so it is no regression test."""
+    monkeypatch.setattr(p2p_nccl_engine, "TensorMemoryPool", HostTensorMemoryPool)
+    switch_interval = sys.getswitchinterval()
+    sys.setswitchinterval(5e-6)
+    try:
+        prefills = [
+            PDEngine(tiny_model_dir, "kv_producer", port, "PUT_ASYNC", **OPTIONS)
+            for port in (PREFILL_KV_PORT, PREFILL_KV_PORT + 1)
+        ]
+        decode = PDEngine(
+            tiny_model_dir,
+            "kv_consumer",
+            DECODE_KV_PORT,
+            "PUT_ASYNC",
+            kv_buffer_size=buffer,
+            **OPTIONS,
+        )
+        for n in range(8):
+            requests = {
+                proxy_request_id(): make_prompt(10 * n + i, 30 + i) for i in (0, 1)
+            }
+            threads = [
+                threading.Thread(
+                    target=run_prefill_of, args=(prefill, external_id, prompt)
+                )
+                for prefill, (external_id, prompt) in zip(
+                    prefills, requests.items(), strict=True
+                )
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(STUCK_S)
+            for external_id, prompt in requests.items():
+                decode.add_request(external_id, prompt, DECODE_MAX_TOKENS)
+            run_until_idle_within(decode, STUCK_S, "decode's step is stuck")
+    finally:
+        sys.setswitchinterval(switch_interval)
+    wait_for(
+        lambda: not decode.transport.held_tensor_ids(),
+        "received KV is still held",
+        STUCK_S,
+    )
+    assert decode.transport.pool.allocated() == 0
+    assert decode.transport.buffer_size == 0
+    assert decode.loaded_kv, "no KV was loaded"
+
+
+def run_prefill_of(prefill: PDEngine, external_id: str, prompt: list[int]) -> None:
+    prefill.add_request(external_id, prompt, 1)
+    prefill.run_until_idle()
