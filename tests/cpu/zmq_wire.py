@@ -111,10 +111,8 @@ class FakeNcclLibrary:
 
     def ncclCommInitRank(self, world_size: int, unique_id, rank: int):
         assert world_size == 2
-        with self._lock:
-            comm = self._comms.setdefault(bytes(unique_id.internal), FakeComm())
+        comm = _join(unique_id, rank)
         # Blocks until the other rank joins, as NCCL does.
-        comm.joined[rank].set()
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S
         while not comm.joined[rank ^ 1].wait(0.01):
             gave_up = not self.socket_transport and time.monotonic() > deadline
@@ -227,12 +225,17 @@ def _value(arg):
     return getattr(arg, "value", arg)
 
 
-def _init_rank_config(comm_ref, world_size, unique_id, rank, config_ref) -> int:
-    assert world_size == 2 and _value(config_ref).blocking == 0
+def _join(unique_id, rank: int) -> FakeComm:
+    """This rank's part of the rendezvous of the two ranks of unique_id."""
     with FakeNcclLibrary._lock:
         comm = FakeNcclLibrary._comms.setdefault(bytes(unique_id.internal), FakeComm())
     comm.joined[rank].set()
-    end = FakeCommEnd(comm)
+    return comm
+
+
+def _init_rank_config(comm_ref, world_size, unique_id, rank, config_ref) -> int:
+    assert world_size == 2 and _value(config_ref).blocking == 0
+    end = FakeCommEnd(_join(unique_id, rank))
     end.rank, end.since = rank, time.monotonic()
     handle = next(_handles)
     _comm_ends[handle] = end
