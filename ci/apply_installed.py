@@ -3,9 +3,11 @@
 
 Finds the vLLM of a Python interpreter (without importing it), picks the series
 for its version from patches/index.json, and applies only the vllm/ part of
-each patch. The whole series is applied (or reversed) first on a copy of the
-files it touches; site-packages is written only when every patch succeeded, and
-restored from the saved originals if a write fails. Exit status 2 on errors.
+each patch; with --core-addon also the opt-in core add-on after it
+(patches/core-addon/, its own index.json). The whole series is applied (or
+reversed) first on a copy of the files it touches; site-packages is written
+only when every patch succeeded, and restored from the saved originals if a
+write fails. Exit status 2 on errors.
 """
 
 from __future__ import annotations
@@ -218,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         help="undo the series (with --check: dry run of that)",
     )
     ap.add_argument(
+        "--core-addon",
+        action="store_true",
+        help="also the opt-in core add-on (vLLM core changes that kv_load_failure"
+        "_policy 'recompute' needs; applied and reverted with the series)",
+    )
+    ap.add_argument(
         "--patches-dir",
         type=Path,
         default=PATCHES,
@@ -228,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
 
     version, site = find_vllm(args.python)
     series, patches = read_series(args.patches_dir.resolve(), version)
+    if args.core_addon:
+        try:
+            _, addon = read_series(args.patches_dir.resolve() / "core-addon", version)
+        except Error as e:
+            raise Error(f"the core add-on: {e}") from None
+        patches += addon
     where = f"vLLM {version} in {site}"
     release = version.split("+")[0]
     with tempfile.TemporaryDirectory(prefix="apply_installed.") as tmp:

@@ -4,9 +4,15 @@
 Subcommands:
   init           populate vllm_fork/ from the submodule, or from the PyPI sdist
                  when GitHub cannot be reached (the release tree as base commit)
-  apply          reset the fork to its base and ``git am`` the series onto it
-  export         regenerate patches/ from the fork's commits on top of the base
+  apply          reset the fork to its base and ``git am`` the series, then
+                 the core add-on, onto it
+  export         regenerate patches/ from the fork's commits on top of the base:
+                 the default series, then the opt-in core add-on (commits with
+                 the trailer "Series: core-addon", last) into patches/core-addon/
   check          export into a temporary folder and fail if patches/ differs
+  series-tree    check out the default series without the add-on into
+                 .series-tree/ (a worktree of the fork; tests put it first on
+                 PYTHONPATH to run vLLM as users get it by default)
   install        editable install of the fork into .venv (the vLLM way:
                  VLLM_USE_PRECOMPILED=1 with the PyPI wheel of the same version)
   install-stock  the unmodified PyPI wheel into .venv-stock, side by side
@@ -43,6 +49,11 @@ CONFIG = json.loads((ROOT / "patches" / "config.json").read_text())["vllm_fork"]
 FORK = ROOT / "vllm_fork"
 PATCHES = ROOT / CONFIG["patches"]
 SERIES = PATCHES / "series"
+# The opt-in core add-on: changes to vLLM core (and what depends on them),
+# applied after the default series. Its commits carry this trailer.
+ADDON = PATCHES / "core-addon"
+ADDON_TRAILER = "Series: core-addon"
+SERIES_TREE = ROOT / ".series-tree"
 BASE_REF = "refs/patches/upstream-head"
 CACHE = Path(os.environ.get("P2P_FIX_CACHE", Path.home() / ".cache" / "vllm-p2p-fix"))
 PYPI_SIMPLE = os.environ.get("P2P_FIX_PYPI_SIMPLE", "https://pypi.org/simple")
@@ -163,15 +174,21 @@ def fork_ready() -> bool:
     return res.returncode == 0
 
 
-def series_files() -> list[Path]:
-    if not SERIES.exists():
+def series_files(folder: Path = PATCHES) -> list[Path]:
+    """The patches of a series file, in order (default: the default series)."""
+    series = folder / "series"
+    if not series.exists():
         return []
     names = [
         line.strip()
-        for line in SERIES.read_text().splitlines()
+        for line in series.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    return [PATCHES / n for n in names]
+    return [folder / n for n in names]
+
+
+def addon_files() -> list[Path]:
+    return series_files(ADDON)
 
 
 # ---------------------------------------------------------------- archives
@@ -414,9 +431,27 @@ def cmd_init(args) -> None:
 # ---------------------------------------------------------------- apply/export
 
 
-def _export_to(dest: Path) -> list[str]:
-    out = git(*FORMAT_PATCH, "-o", str(dest), f"{BASE_REF}..HEAD")
+def _series_head() -> str:
+    """The fork's last commit of the default series (the add-on is on top)."""
+    commits = git("rev-list", "--reverse", f"{BASE_REF}..HEAD").split()
+    in_addon = [ADDON_TRAILER in git("log", "-1", "--format=%B", c) for c in commits]
+    first = in_addon.index(True) if True in in_addon else len(commits)
+    if not all(in_addon[first:]):
+        die(f"commits with '{ADDON_TRAILER}' must come after the default series")
+    return commits[first - 1] if first else git("rev-parse", BASE_REF)
+
+
+def _format_patch(dest: Path, revs: str) -> list[str]:
+    out = git(*FORMAT_PATCH, "-o", str(dest), revs)
     return [Path(line).name for line in out.splitlines() if line.strip()]
+
+
+def _export_to(dest: Path) -> tuple[list[str], list[str]]:
+    """Export the default series into dest, the add-on into dest/core-addon."""
+    head = _series_head()
+    names = _format_patch(dest, f"{BASE_REF}..{head}")
+    addon = _format_patch(dest / ADDON.name, f"{head}..HEAD")
+    return names, addon
 
 
 def _diff_dirs(a: Path, a_names: list[str], b: Path, b_names: list[str]) -> bool:
@@ -430,11 +465,11 @@ def cmd_apply(args) -> None:
         die("vllm_fork/ is not initialized; run: python3 ci/fork.py init")
     base = git("rev-parse", BASE_REF)
     head = git("rev-parse", "HEAD")
-    patches = series_files()
+    patches = series_files() + addon_files()
     if head != base and not args.force:
         with tempfile.TemporaryDirectory() as tmp:
-            names = _export_to(Path(tmp))
-            if _diff_dirs(Path(tmp), names, PATCHES, [p.name for p in patches]):
+            names, addon = _export_to(Path(tmp))
+            if _differs(Path(tmp), names, addon):
                 die(
                     "the fork has commits that differ from patches/; run "
                     "'python3 ci/fork.py export' first, or 'apply --force' to drop them"
@@ -461,20 +496,48 @@ def cmd_apply(args) -> None:
     log(f"applied {len(patches)} patch(es); fork HEAD {git('rev-parse', 'HEAD')[:12]}")
 
 
+def _differs(tmp: Path, names: list[str], addon: list[str]) -> bool:
+    return _diff_dirs(tmp, names, PATCHES, [p.name for p in series_files()]) or (
+        _diff_dirs(tmp / ADDON.name, addon, ADDON, [p.name for p in addon_files()])
+    )
+
+
+def _write_series(folder: Path, names: list[str]) -> None:
+    (folder / "series").write_text(
+        "# Order in which the patches apply (git am); one file name a line.\n"
+        + "".join(f"{n}\n" for n in names)
+    )
+
+
 def cmd_export(args) -> None:
     if not fork_ready():
         die("vllm_fork/ is not initialized; run: python3 ci/fork.py init")
     with tempfile.TemporaryDirectory() as tmp:
-        names = _export_to(Path(tmp))
-        for old in series_files():
+        names, addon = _export_to(Path(tmp))
+        for old in series_files() + addon_files():
             old.unlink(missing_ok=True)
+        ADDON.mkdir(exist_ok=True)
         for n in names:
             shutil.copyfile(Path(tmp) / n, PATCHES / n)
-    SERIES.write_text(
-        "# Order in which the patches apply (git am); one file name a line.\n"
-        + "".join(f"{n}\n" for n in names)
+        for n in addon:
+            shutil.copyfile(Path(tmp) / ADDON.name / n, ADDON / n)
+    _write_series(PATCHES, names)
+    _write_series(ADDON, addon)
+    log(
+        f"exported {len(names)} patch(es) to {PATCHES.relative_to(ROOT)}/ and "
+        f"{len(addon)} to {ADDON.relative_to(ROOT)}/"
     )
-    log(f"exported {len(names)} patch(es) to {PATCHES.relative_to(ROOT)}/")
+
+
+def cmd_series_tree(args) -> None:
+    if not fork_ready():
+        die("vllm_fork/ is not initialized; run: python3 ci/fork.py init")
+    head = _series_head()
+    git("worktree", "remove", "--force", str(SERIES_TREE), check=False)
+    shutil.rmtree(SERIES_TREE, ignore_errors=True)
+    git("worktree", "prune")
+    git("worktree", "add", "-q", "--detach", str(SERIES_TREE), head)
+    log(f"{SERIES_TREE.name}/ at {head[:12]}: the default series without the add-on")
 
 
 def cmd_check(args) -> None:
@@ -482,9 +545,8 @@ def cmd_check(args) -> None:
     if not fork_ready():
         die("vllm_fork/ is not initialized; run: python3 ci/fork.py init")
     with tempfile.TemporaryDirectory() as tmp:
-        names = _export_to(Path(tmp))
-        want = [p.name for p in series_files()]
-        if _diff_dirs(Path(tmp), names, PATCHES, want):
+        names, addon = _export_to(Path(tmp))
+        if _differs(Path(tmp), names, addon):
             run(
                 [
                     "diff",
@@ -504,7 +566,7 @@ def cmd_check(args) -> None:
                 "patches/ is out of sync with vllm_fork/ (run: python3 ci/fork.py "
                 "export, or apply to take patches/ into the fork)"
             )
-    log(f"patches/ matches the fork ({len(names)} patch(es))")
+    log(f"patches/ matches the fork ({len(names)} + {len(addon)} patch(es))")
 
 
 # ---------------------------------------------------------------- install
@@ -638,6 +700,9 @@ def main() -> None:
     sub.add_parser("check", help="fail if patches/ is stale").set_defaults(
         func=cmd_check
     )
+    sub.add_parser(
+        "series-tree", help="the default series alone, in .series-tree/"
+    ).set_defaults(func=cmd_series_tree)
     sub.add_parser(
         "install-tools", help=f"uv=={UV_VERSION} into .venv-tools"
     ).set_defaults(func=cmd_install_tools)

@@ -6,8 +6,9 @@
                                     # bites and the patched tree passes everywhere
 
 Trees: "stock" is .venv-stock (the PyPI wheel, unmodified), "patched" is .venv
-(vllm_fork/ with patches/ applied, editable); they run at the same time, one
-pytest process each. Each case of the tier ends as
+with .series-tree/ first on PYTHONPATH (vllm_fork/ at the default series,
+without the core add-on: python3 ci/fork.py series-tree); they run at the
+same time, one pytest process each. Each case of the tier ends as
   pass   - decode got the prefill's KV, text equals a plain engine's, nothing leaked
   hang   - decode waited for KV that never came: the transport's detector saw
            that nothing could send it anymore (KVTransferHang), or, for what
@@ -30,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TREES = {"stock": ROOT / ".venv-stock", "patched": ROOT / ".venv"}
+SERIES_TREE = ROOT / ".series-tree"
 TIER = [
     "tests/cpu/test_two_engine.py",
     "tests/cpu/test_reliability.py",
@@ -54,6 +56,7 @@ LOAD_FAILURE_TESTS = (
     "test_receiver_out_of_memory",
     "test_kv_that_comes_after_its_request_gave_up",
     "test_received_kv_counts_against_buffer_until_loaded",
+    "test_async_scheduling_fails_what_core_cannot_recompute",
 )
 SEND_TYPES = ("PUT", "PUT_ASYNC", "GET")
 # tests/cpu/test_two_engine.py: the transfer under each CUDA graph path of the
@@ -119,6 +122,11 @@ class TreeRun:
         self.python = python or TREES[tree] / "bin" / "python"
         if not self.python.exists():
             sys.exit(f"{self.python} missing: run bash ci/setup.sh first")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if tree == "patched" and python is None:
+            if not (SERIES_TREE / "vllm").is_dir():
+                sys.exit(f"{SERIES_TREE} missing: run python3 ci/fork.py series-tree")
+            env["PYTHONPATH"] = str(SERIES_TREE)
         self.junit = log_dir / f"cpu-tier-{tree}.xml"
         self.log_path = log_dir / f"cpu-tier-{tree}.log"
         self.junit.unlink(missing_ok=True)
@@ -142,7 +150,7 @@ class TreeRun:
                 cwd=ROOT,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=env,
             )
         self.end: float | None = None
         self.hangs: dict[str, int] = defaultdict(int)

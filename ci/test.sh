@@ -72,18 +72,27 @@ step "release matrix: every affected release's series (backports regenerate iden
 python3 ci/release/backport.py --check
 .venv/bin/python ci/release/check_matrix.py
 
+step "the default series alone: .series-tree/, vllm_fork/ without the core add-on"
+python3 ci/fork.py series-tree
+
 step "repro matrix: CPU two-engine tier on stock and patched vLLM (side by side)"
 python3 ci/matrix.py --check
 
-# The matrix ran the two-engine tier's files on patched vLLM (.venv) already
-# and required every case to pass: the project tests do not run them again.
-step "the patch's own unit tests, in vLLM's tree (cpu_test); the project tests on" \
-  "patched vLLM (GPU tier skips without a GPU): side by side"
+# The matrix ran the two-engine tier's files on patched vLLM (.series-tree)
+# already and required every case to pass: the project tests do not run them
+# again. Patched vLLM is the default series (.series-tree first on PYTHONPATH);
+# the core add-on's tests run on vllm_fork/, which has it on top.
+step "the patches' own unit tests, in vLLM's tree (cpu_test): the series, then" \
+  "with the core add-on; the project tests on patched vLLM (GPU tier skips" \
+  "without a GPU): side by side"
 side_by_side \
+  "cd .series-tree && PYTHONPATH=\$PWD ../.venv/bin/python -m pytest -p no:cacheprovider \
+    -q -m cpu_test tests/v1/kv_connector/unit/test_p2p_nccl_connector.py" \
   "cd vllm_fork && ../.venv/bin/python -m pytest -p no:cacheprovider -q -m cpu_test \
     tests/v1/kv_connector/unit/test_p2p_nccl_connector.py \
-    tests/v1/kv_connector/unit/test_invalid_blocks_correctness.py -k 'p2p or async_scheduling'" \
-  ".venv/bin/python -m pytest -p no:cacheprovider tests/cpu \
+    tests/v1/kv_connector/unit/test_invalid_blocks_correctness.py \
+    -k 'recompute_only or async_scheduling'" \
+  "PYTHONPATH=$PWD/.series-tree .venv/bin/python -m pytest -p no:cacheprovider tests/cpu \
     --ignore=tests/cpu/test_two_engine.py --ignore=tests/cpu/test_reliability.py \
     --ignore=tests/cpu/test_load_failures.py" \
   ".venv/bin/python -m pytest -p no:cacheprovider tests --ignore=tests/cpu"

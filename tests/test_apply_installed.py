@@ -16,13 +16,20 @@ import apply_installed  # noqa: E402
 import fork  # noqa: E402
 
 CONNECTOR = "vllm/distributed/kv_transfer/kv_connector/v1/p2p/p2p_nccl_connector.py"
-# Every vllm/ file the series changes.
-TOUCHED = {
-    line.split()[2][2:]
-    for patch in fork.series_files()
-    for line in patch.read_text().splitlines()
-    if line.startswith("diff --git a/vllm/")
-}
+
+
+def touched(patches: list[Path]) -> set[str]:
+    """Every vllm/ file the patches change."""
+    return {
+        line.split()[2][2:]
+        for patch in patches
+        for line in patch.read_text().splitlines()
+        if line.startswith("diff --git a/vllm/")
+    }
+
+
+TOUCHED = touched(fork.series_files())
+ADDON_TOUCHED = touched(fork.addon_files())
 PROBE_FILE = "vllm/p2p_fix_probe.py"  # a file only the test series creates
 # The session fixture's install takes the first test's time.
 pytestmark = pytest.mark.timeout(300)
@@ -47,7 +54,8 @@ class Venv:
         self.python, self.site = python, site
         self.metadata = next(site.glob("vllm-*.dist-info")) / "METADATA"
         self.saved = {
-            rel: (site / rel).read_bytes() for rel in (*TOUCHED, self.metadata)
+            rel: (site / rel).read_bytes()
+            for rel in (*TOUCHED, *ADDON_TOUCHED, self.metadata)
         }
         self.stock = hashes(site)
 
@@ -128,6 +136,25 @@ def test_apply_changes_only_the_touched_files(venv):
     assert venv.changed() == TOUCHED
     assert not list(pycache.glob("p2p_nccl_connector.*.pyc"))  # stale cache gone
     assert "is patched" in venv.tool("--check", "--revert").stdout
+
+
+def test_core_addon_applies_and_reverts_with_the_series(venv):
+    assert "vllm/v1/core/sched/scheduler.py" in ADDON_TOUCHED - TOUCHED
+    res = venv.tool("--core-addon")
+    assert res.returncode == 0, res.stderr
+    assert venv.changed() == TOUCHED | ADDON_TOUCHED
+    # The series alone no longer reverses: the add-on goes with it.
+    assert venv.tool("--revert").returncode == 2
+    assert venv.tool("--revert", "--core-addon").returncode == 0
+    assert venv.changed() == set()
+
+
+def test_core_addon_of_a_release_without_one_is_an_error(venv):
+    text = venv.metadata.read_text()
+    venv.metadata.write_text(text.replace("\nVersion: 0.23.0\n", "\nVersion: 0.22.1\n"))
+    res = venv.tool("--core-addon", "--check")
+    assert res.returncode == 2
+    assert "the core add-on: vLLM 0.22.1 is not supported" in res.stderr
 
 
 def test_apply_twice_is_an_error(venv):

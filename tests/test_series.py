@@ -51,8 +51,26 @@ def test_series_is_exported_from_fork():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_default_series_changes_only_the_connector_and_tests():
+    """vLLM core changes go into the opt-in core add-on."""
+    p2p = "vllm/distributed/kv_transfer/kv_connector/v1/p2p/"
+    allowed = {p2p + "p2p_nccl_connector.py", p2p + "p2p_nccl_engine.py"}
+    vllm_files = {
+        f for f in touched_files(fork.series_files()) if not f.startswith("tests/")
+    }
+    assert vllm_files <= allowed
+    assert any(f.startswith("vllm/v1/core/") for f in touched_files(fork.addon_files()))
+
+
+def test_series_and_addon_apply_to_release_tree(tmp_path):
+    sdist = fork.fetch_sdist(sha256=fork.CONFIG["sdist_sha256"])
+    fork.extract_tar(sdist, tmp_path)
+    tree = tmp_path / f"vllm-{fork.CONFIG['version']}"
+    git_apply(tree, fork.series_files() + fork.addon_files())
+
+
 def test_patches_carry_sign_off_and_removal_condition():
-    for patch in fork.series_files():
+    for patch in fork.series_files() + fork.addon_files():
         text = patch.read_text()
         header = text.split("\ndiff --git ", 1)[0]
         assert "\nSigned-off-by: " in header, f"{patch.name}: no DCO sign-off"

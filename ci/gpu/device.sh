@@ -36,7 +36,8 @@ reliability)
   out=${2:?OUT_DIR}; shift 2
   need_sites
   mkdir -p "$out"
-  exec python3 ci/gpu/reliability.py --site /tmp/site-series --out "$out/reliability" \
+  # GPU_SITE=/tmp/site-addon: the series with the core add-on.
+  exec python3 ci/gpu/reliability.py --site "${GPU_SITE:-/tmp/site-series}" --out "$out/reliability" \
     --logs-tar "$out/reliability-logs.tar.gz" --log-dir /tmp/reliability-logs "$@"
   ;;
 bench)
@@ -70,7 +71,8 @@ pytest)
   mkdir -p "$out"
   python3 -m pip install -q --no-index --no-deps --target /tmp/pytest-site .gpu/pytest-wheels/*.whl
   rc=0
-  PYTHONPATH=/tmp/pytest-site:/tmp/site-series GPU_TIER_SITE=/tmp/site-series \
+  site=${GPU_SITE:-/tmp/site-series}
+  PYTHONPATH=/tmp/pytest-site:$site GPU_TIER_SITE=$site \
     GPU_TIER_LOG_DIR=/tmp/pytest-logs python3 -m pytest -p no:cacheprovider -rA \
     --junitxml="$out/pytest-gpu.xml" "${@:-tests/gpu/test_pd_gpu.py}" 2>&1 |
     tee "$out/pytest-gpu.log" || rc=$?

@@ -8,7 +8,8 @@
 #   /tmp/site-series-nofix: the series without the stream-order patch
 #   (patches/*order-KV-transf*.patch reverted in a copy of the series tree;
 #   if that does not reverse cleanly, the series minus that patch applied to
-#   a copy of stock).
+#   a copy of stock); and /tmp/site-addon: the series, then the opt-in core
+#   add-on (patches/core-addon/series).
 # soak: the three trees side by side in one run, 3 P/D pairs each + the two
 #   references: stock (randomization off), series-nofix and series
 #   (randomization on). Writes OUT_DIR/soak.md, soak.json, soak-logs.tar.gz.
@@ -44,6 +45,15 @@ make_nofix() {  # /tmp/site-series-nofix = the series without the fix
   done
 }
 
+make_addon() {  # /tmp/site-addon = the series, then the core add-on
+  local p to=/tmp/site-addon
+  rm -rf "$to" && cp -a /tmp/site-series "$to"
+  for p in $(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/patches/core-addon/series"); do
+    (cd "$to" && git apply --check --include='vllm/*' "$repo/patches/core-addon/$p" \
+      && git apply --include='vllm/*' "$repo/patches/core-addon/$p")
+  done
+}
+
 case ${1:?usage: $0 install | soak OUT} in
 install)
   cd "$stage"
@@ -54,6 +64,7 @@ install)
   rm -f b.tar
   cd "$repo"
   bash ci/gpu/prepare_sites.sh /tmp/site /tmp/site-series
+  make_addon
   make_nofix || { echo "WARNING: no series-nofix tree; the soak runs without it" >&2; rm -rf /tmp/site-series-nofix; }
   echo "sites ready: $(ls -d /tmp/site*)"
   ;;

@@ -85,21 +85,15 @@ class Group:
 
 
 # 0.14.x and 0.16.0 need two texts: 0.14.x imports typing.Optional, a context
-# line of 0002's import hunk, and their connectors differ. Before 0.22.0, 0003
-# is a port (port/): Request has the bool discard_latest_async_tokens, not the
-# counter async_tokens_to_discard. The V2 model runner is the default from
-# 0.22.0 on; before, it is opt-in (VLLM_USE_V2_MODEL_RUNNER, off by default).
-NO_V2_DEFAULT = {
-    "0009": "the V2 model runner is opt-in and experimental in this release "
-    "(VLLM_USE_V2_MODEL_RUNNER, off by default)"
-}
+# line of 0002's import hunk, and their connectors differ. The core add-on
+# (patches/core-addon/) is made for 0.23.0 only and is not ported.
 GROUPS = [
-    Group("0.14.0", "0.14.1", "0.14.0-0.14.1", NO_V2_DEFAULT),
-    Group("0.16.0", "0.16.0", "0.14.0-0.14.1", NO_V2_DEFAULT),
-    Group("0.17.0", "0.17.1", leave_out=NO_V2_DEFAULT),
+    Group("0.14.0", "0.14.1", "0.14.0-0.14.1"),
+    Group("0.16.0", "0.16.0", "0.14.0-0.14.1"),
+    Group("0.17.0", "0.17.1"),
     # 0.18.0 enters the GPU as 0.23.0 does (torch.accelerator.device_index)
-    Group("0.18.0", "0.18.1", leave_out=NO_V2_DEFAULT),
-    Group("0.19.0", "0.21.0", leave_out=NO_V2_DEFAULT),
+    Group("0.18.0", "0.18.1"),
+    Group("0.19.0", "0.21.0"),
     Group("0.22.0", "0.22.1"),
 ]
 BACKPORT = "backport"

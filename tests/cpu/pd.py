@@ -110,9 +110,17 @@ def build_vllm_config(
     send_type: str,
     kv_load_failure_policy: str = "fail",
     kv_buffer_size: float = 1e9,
+    async_scheduling: bool | None = None,
     **extra_config,
 ) -> VllmConfig:
-    """The engine's config; extra_config goes to kv_connector_extra_config."""
+    """The engine's config; extra_config goes to kv_connector_extra_config.
+
+    async_scheduling: by default off under ``recompute``, where the default
+    series recomputes only without it (patch 0009; vLLM #45138), else vLLM's
+    default (on).
+    """
+    if async_scheduling is None and kv_load_failure_policy == "recompute":
+        async_scheduling = False
     model_config = ModelConfig(
         model=model_dir, dtype="float16", seed=42, skip_tokenizer_init=True
     )
@@ -124,6 +132,7 @@ def build_vllm_config(
             max_model_len=1024,
             enable_chunked_prefill=True,
             is_encoder_decoder=False,
+            async_scheduling=async_scheduling,
         ),
         cache_config=CacheConfig(block_size=BLOCK_SIZE, enable_prefix_caching=True),
         kv_transfer_config=KVTransferConfig(

@@ -259,3 +259,32 @@ def test_received_kv_counts_against_buffer_until_loaded(
     assert decode.transport.buffer_size == 0, "dropped KV still counted"
     assert_healthy(prefill, decode)
     assert decode.transport.buffer_size == 0
+
+
+@pytest.mark.parametrize("send_type", ["GET"])
+def test_async_scheduling_fails_what_core_cannot_recompute(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy
+):
+    """With async scheduling, vLLM core does not finish a recomputed request
+    (#45138): the connector uses ``fail`` there, so under either policy a
+    request whose KV did not arrive ends with an error and the others answer.
+    """
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(
+        tiny_model_dir,
+        "kv_producer",
+        send_type,
+        policy,
+        kv_buffer_size=4 * TENSOR_BYTES,
+    )
+    decode = make_engine(
+        tiny_model_dir, "kv_consumer", send_type, policy, async_scheduling=True
+    )
+    assert decode.vllm_config.scheduler_config.async_scheduling
+    prompts = new_prompts(3)
+    prefill_all(prefill, prompts)
+    prefill.transport.buffer_size_threshold = 1e9
+
+    completions = decode_all(decode, prompts)
+    assert_decoded(decode, prompts, completions, "fail", missing=list(prompts)[:2])
+    assert_healthy(prefill, decode)
