@@ -16,7 +16,7 @@ For each release, two cached virtual environments under .cache/release-venvs/
 
 Both are reused while their stamp matches (same packages; for patched the same
 series bytes), so a rerun on a warm cache only runs the tier. Then the tier
-(tests/cpu/test_two_engine.py and tests/cpu/test_reliability.py) runs on each,
+(ci/matrix.py TIER: test_two_engine, test_reliability, test_load_failures) runs on each,
 and the matrix of ci/matrix.py is printed; then, on the patched tree alone, the
 tests on vLLM's real ZMQ control plane (``ci/matrix.py`` WIRE_TIER, the
 connection layer). ``--check`` fails unless stock fails exactly where the bug
@@ -305,7 +305,8 @@ def record(rows: list[dict]) -> None:
         "Made by `python3 ci/release/run_tier.py --all --check --record`: each",
         "release's PyPI wheel (and the torch it pins) in a venv, stock and with its",
         "series applied by `ci/apply_installed.py`; the tier is",
-        "tests/cpu/test_two_engine.py and tests/cpu/test_reliability.py. Expected:",
+        "ci/matrix.py TIER (test_two_engine, test_reliability, test_load_failures"
+        " in tests/cpu/). Expected:",
         "stock fails where the bug bites (randomization on; before 0.17.0 it cannot be",
         "switched off), patched passes every case. Then, on the patched tree alone,",
         "the tests on vLLM's real ZMQ control plane (ci/matrix.py WIRE_TIER: the",
