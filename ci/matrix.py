@@ -57,6 +57,7 @@ LOAD_FAILURE_TESTS = (
     "test_kv_that_comes_after_its_request_gave_up",
     "test_received_kv_counts_against_buffer_until_loaded",
     "test_async_scheduling_fails_what_core_cannot_recompute",
+    "test_failed_load_leaves_a_shared_prefix_alone",
 )
 SEND_TYPES = ("PUT", "PUT_ASYNC", "GET")
 # tests/cpu/test_two_engine.py: the transfer under each CUDA graph path of the
@@ -142,7 +143,12 @@ class TreeRun:
             "-rN",
             f"--junitxml={self.junit}",
         ]
-        print(f"== CPU two-engine tier on {tree} vLLM ({self.python})", flush=True)
+        where = (
+            f"{self.python}, PYTHONPATH={env['PYTHONPATH']}"
+            if "PYTHONPATH" in env
+            else self.python
+        )
+        print(f"== CPU two-engine tier on {tree} vLLM ({where})", flush=True)
         self.start = time.monotonic()
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(

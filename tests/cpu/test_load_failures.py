@@ -15,12 +15,14 @@ computed on missing KV. Either way the engine stays healthy (the next request
 transfers and is correct) and no received KV stays behind.
 """
 
+import re
 import time
 
 import pytest
 from vllm.v1.engine import FinishReason
 
 from .pd import (
+    BLOCK_SIZE,
     DECODE_KV_PORT,
     LAYERS,
     PREFILL_KV_PORT,
@@ -287,4 +289,39 @@ def test_async_scheduling_fails_what_core_cannot_recompute(
 
     completions = decode_all(decode, prompts)
     assert_decoded(decode, prompts, completions, "fail", missing=list(prompts)[:2])
+    assert_healthy(prefill, decode)
+
+
+@pytest.mark.parametrize("send_type", ["GET"])
+def test_failed_load_leaves_a_shared_prefix_alone(
+    network, tiny_model_dir, monkeypatch, randomization, send_type, policy
+):
+    """Only the blocks a request was to load are reported when its KV does not
+    arrive: a running request that shares its prefix-cached blocks keeps them
+    and answers (under ``fail`` it was failed with it)."""
+    set_randomization(monkeypatch, randomization)
+    prefill = make_engine(tiny_model_dir, "kv_producer", send_type, policy)
+    decode = make_engine(tiny_model_dir, "kv_consumer", send_type, policy)
+    prefix = make_prompt(7, 2 * BLOCK_SIZE)
+    prompts = new_prompts(2)
+    (first, prompt_a), (second, prompt_b) = [
+        (external_id, prefix + prompt[:5]) for external_id, prompt in prompts.items()
+    ]
+    prefill_all(prefill, {first: prompt_a, second: prompt_b})
+    (uuid_b,) = re.findall("[0-9a-f]{32}", second)
+    with prefill.transport.send_store_cv:
+        for tensor_id in [t for t in prefill.transport.send_store if uuid_b in t]:
+            del prefill.transport.send_store[tensor_id]
+
+    completion_a = decode.add_request(first, prompt_a, DECODE_MAX_TOKENS)
+    decode.step()  # loads the first request's KV; it decodes from now on
+    (req_a,) = completion_a.request_ids
+    blocks_a = decode.scheduler.kv_cache_manager.get_block_ids(req_a)[0]
+    completion_b = decode.add_request(second, prompt_b, DECODE_MAX_TOKENS)
+    out = decode.step()  # the second hits the prefix cache; its load fails
+    (new_b,) = out.scheduled_new_reqs
+    assert new_b.block_ids[0][:2] == blocks_a[:2], "no shared prefix"
+    decode.run_until_idle()
+    assert_outcome(decode, completion_a, prompt_a, policy, kv_missing=False)
+    assert_outcome(decode, completion_b, prompt_b, policy, kv_missing=True)
     assert_healthy(prefill, decode)
