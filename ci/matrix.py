@@ -203,6 +203,9 @@ def expected(tree: str, name: str) -> str:
             mode == "v1_default" and workload == "concurrent8"
         )
         return "pass" if rand == "off" and eager_path else "fail"
+    if test == "test_decode_preempted_and_resumed" and "with-others" in name:
+        # Stock loads nothing for a request resumed next to running ones.
+        return "fail"
     if test.startswith(LOAD_FAILURE_TESTS):
         # KV that does not arrive: stock hangs, computes on it, or does not
         # fail the request, with randomization on or off.

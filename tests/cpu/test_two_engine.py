@@ -209,17 +209,33 @@ def test_prefill_chunk_within_allocated_blocks(
 @pytest.mark.timeout(HANG_TIMEOUT_S)
 @pytest.mark.parametrize("randomization", ["on", "off"])
 @pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC", "GET"])
+@pytest.mark.parametrize(
+    ("num_blocks", "num_requests"),
+    # (10, 6): a request resumes in a step that also runs others; the
+    # connector used to stop at the first running one and load nothing.
+    [(13, 4), (10, 6)],
+    ids=["resumed-alone", "resumed-with-others"],
+)
 def test_decode_preempted_and_resumed(
-    network, tiny_model_dir, monkeypatch, send_type, randomization
+    network,
+    tiny_model_dir,
+    monkeypatch,
+    send_type,
+    randomization,
+    num_blocks,
+    num_requests,
 ):
     """Decode runs out of KV blocks, preempts requests, and loads them again."""
     set_randomization(monkeypatch, randomization)
     max_tokens = 40
     prefill = PDEngine(tiny_model_dir, "kv_producer", PREFILL_KV_PORT, send_type)
     decode = PDEngine(
-        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, num_blocks=13
+        tiny_model_dir, "kv_consumer", DECODE_KV_PORT, send_type, num_blocks=num_blocks
     )
-    prompts = {f"cmpl-{proxy_request_id()}-0": make_prompt(i, 30 + i) for i in range(4)}
+    prompts = {
+        f"cmpl-{proxy_request_id()}-0": make_prompt(i, 30 + i)
+        for i in range(num_requests)
+    }
     for external_id, prompt in prompts.items():
         prefill.add_request(external_id, prompt, max_tokens=1)
     prefill.run_until_idle()
