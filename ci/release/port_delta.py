@@ -47,7 +47,11 @@ from check_matrix import PATCHES, ROOT, load_series
 def old_text(rev: str, name: str) -> str:
     rel = (PATCHES / name).relative_to(ROOT).as_posix()
     return subprocess.run(
-        ["git", "show", f"{rev}:{rel}"], cwd=ROOT, text=True, capture_output=True, check=True
+        ["git", "show", f"{rev}:{rel}"],
+        cwd=ROOT,
+        text=True,
+        capture_output=True,
+        check=True,
     ).stdout
 
 
@@ -60,7 +64,9 @@ def main() -> None:
     main_series = load_series("series")
     names = [p.name for p in main_series.patches]
     index = names.index(args.name)
-    before = [p for p in main_series.patches[:index] if "diff --git a/vllm/" in p.read_text()]
+    before = [
+        p for p in main_series.patches[:index] if "diff --git a/vllm/" in p.read_text()
+    ]
     paths, new = main_series.touched()
     files = [p for p in paths if p.startswith("vllm/") and p not in new]
 
@@ -78,7 +84,9 @@ def main() -> None:
         git(repo, "checkout", "-q", "-b", "new", "pre")
         git(repo, *AM, "--include=vllm/*", PATCHES / args.name)
         change = Path(tmp) / "change.diff"
-        change.write_text(git(repo, "diff", "--full-index", "old", "new", "--", "vllm/"))
+        change.write_text(
+            git(repo, "diff", "--full-index", "old", "new", "--", "vllm/")
+        )
         new_id = patch_id(repo, "new")
 
         for group in GROUPS:
@@ -100,7 +108,6 @@ def main() -> None:
             head = text[: PATCH_ID.search(text).start()]
             diff = git(repo, "diff", "--cached", "--full-index", base, "--", "vllm/")
             port.write_text(f"{head}Main-Patch-Id: {new_id}\n\n{diff}")
-            git(repo, "commit", "-q", "--no-verify", "-m", "port")
             print(f"[port_delta] {port.relative_to(ROOT)}: carried over")
 
 
