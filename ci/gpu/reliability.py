@@ -80,6 +80,11 @@ POLICIES = ("recompute", "fail")
 # recompute on vLLM's V1 model runner (the V2 runner, 0.23.0's default for
 # Llama, has an open recompute bug upstream, #49250): for PUT_ASYNC and the
 # overflow pair only, to tell the two apart.
+# Patch 0009 turns recompute into fail where vLLM core recomputes wrong: with
+# async scheduling or the V2 runner without the core add-on, and on the V1
+# runner with async scheduling even with it (recompute-v1). Such pairs answer
+# with errors and their recompute verdict says so; run the recompute pairs on
+# the add-on's tree (device.sh: GPU_SITE=/tmp/site-addon).
 V1_RECOMPUTE = "recompute-v1"
 # recompute without async scheduling (the V2 runner, synchronous scheduler).
 SYNC_RECOMPUTE = "recompute-sync"
