@@ -2,14 +2,18 @@
 # Make the patched tree for ci/gpu/run_matrix.py and bench.py: copy a stock
 # site-packages folder (one holding vllm/) and apply patches/ inside the copy,
 # the way a user patches an installed vLLM.
-#   usage: ci/gpu/prepare_sites.sh STOCK_SITE [PATCHED_SITE]   (default: STOCK_SITE-patched)
+#   usage: ci/gpu/prepare_sites.sh STOCK_SITE [PATCHED_SITE [SERIES]]
+#   (default: STOCK_SITE-patched and patches/series; SERIES names its patches
+#   relative to its folder, as patches/core-addon/series does)
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-stock=$(cd "${1:?usage: $0 STOCK_SITE [PATCHED_SITE]}" && pwd)
+stock=$(cd "${1:?usage: $0 STOCK_SITE [PATCHED_SITE [SERIES]]}" && pwd)
 patched=${2:-$stock-patched}
+series=${3:-$repo/patches/series}
 [ -d "$stock/vllm" ] || { echo "$stock has no vllm/" >&2; exit 1; }
 
-mapfile -t patches < <(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/patches/series" | sed "s|^|$repo/patches/|")
+folder=$(cd "$(dirname "$series")" && pwd)
+mapfile -t patches < <(grep -v -e '^#' -e '^[[:space:]]*$' "$series" | sed "s|^|$folder/|")
 rm -rf "$patched"
 cp -a "$stock" "$patched"
 cd "$patched"
@@ -21,4 +25,4 @@ for patch in "${patches[@]}"; do
   git apply --check --include='vllm/*' "$patch"
   git apply --include='vllm/*' "$patch"
 done
-echo "patched tree: $(pwd) (${#patches[@]} patch(es) from $repo/patches)"
+echo "patched tree: $(pwd) (${#patches[@]} patch(es) from $series)"

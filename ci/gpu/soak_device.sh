@@ -45,15 +45,6 @@ make_nofix() {  # /tmp/site-series-nofix = the series without the fix
   done
 }
 
-make_addon() {  # /tmp/site-addon = the series, then the core add-on
-  local p to=/tmp/site-addon
-  rm -rf "$to" && cp -a /tmp/site-series "$to"
-  for p in $(grep -v -e '^#' -e '^[[:space:]]*$' "$repo/patches/core-addon/series"); do
-    (cd "$to" && git apply --check --include='vllm/*' "$repo/patches/core-addon/$p" \
-      && git apply --include='vllm/*' "$repo/patches/core-addon/$p")
-  done
-}
-
 case ${1:?usage: $0 install | soak OUT} in
 install)
   cd "$stage"
@@ -64,7 +55,7 @@ install)
   rm -f b.tar
   cd "$repo"
   bash ci/gpu/prepare_sites.sh /tmp/site /tmp/site-series
-  make_addon
+  bash ci/gpu/prepare_sites.sh /tmp/site-series /tmp/site-addon patches/core-addon/series
   make_nofix || { echo "WARNING: no series-nofix tree; the soak runs without it" >&2; rm -rf /tmp/site-series-nofix; }
   echo "sites ready: $(ls -d /tmp/site*)"
   ;;
