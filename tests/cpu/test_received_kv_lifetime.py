@@ -18,6 +18,9 @@ and ZMQ control plane (``zmq_wire``), with real schedulers and connectors:
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import pytest
 from vllm.distributed.kv_transfer.kv_connector.v1.p2p import p2p_nccl_engine
 
@@ -56,6 +59,46 @@ pytestmark = [
     pytest.mark.timeout(90),
     pytest.mark.parametrize("send_type", ["PUT", "PUT_ASYNC"]),
 ]
+
+
+class EngineClock:
+    """The engine module's ``time``, with a monotonic clock a test can stop.
+
+    What a test does "within recv_expiry_s" (receive a request's KV twice,
+    start loading it) runs with the engine's clock stopped: on a loaded
+    2-core machine one prefill step can take longer than RECV_EXPIRY_S, and
+    the KV then expires before the test got there (seen in CI). Expiry
+    itself still runs on the engine's own listener, in real time.
+    """
+
+    def __init__(self) -> None:
+        self.stopped_at: float | None = None
+        self.lost = 0.0
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+    def monotonic(self) -> float:
+        if self.stopped_at is not None:
+            return self.stopped_at
+        return time.monotonic() - self.lost
+
+    @contextlib.contextmanager
+    def stopped(self):
+        self.stopped_at = self.monotonic()
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            self.lost += time.monotonic() - start
+            self.stopped_at = None
+
+
+@pytest.fixture
+def engine_clock(monkeypatch) -> EngineClock:
+    clock = EngineClock()
+    monkeypatch.setattr(p2p_nccl_engine, "time", clock)
+    return clock
 
 
 @pytest.fixture
@@ -157,11 +200,15 @@ def assert_nothing_held(decode: PDEngine) -> None:
     assert transport.pool.allocated() == 0, "freed KV still holds the host pool"
 
 
-def assert_serves(prefill: PDEngine, decode: PDEngine, external_id, prompt) -> None:
+def assert_serves(
+    clock: EngineClock, prefill: PDEngine, decode: PDEngine, external_id, prompt
+) -> None:
     """The pair transfers the request: decode loads the KV prefill sent."""
-    assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
-    wait_received(decode, external_id)
-    completion = decode_within_bound(decode, {external_id: prompt})[external_id]
+    with clock.stopped():
+        assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
+        wait_received(decode, external_id)
+        completion = decode_within_bound(decode, {external_id: prompt})
+    completion = completion[external_id]
     (req_id,) = completion.request_ids
     assert_loaded(decode, req_id, prompt)
     assert_outcome(decode, completion, prompt, "fail", kv_missing=False)
@@ -169,7 +216,9 @@ def assert_serves(prefill: PDEngine, decode: PDEngine, external_id, prompt) -> N
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
-def test_listener_survives_a_full_host_pool(pd_wire, tiny_model_dir, send_type, policy):
+def test_listener_survives_a_full_host_pool(
+    pd_wire, engine_clock, tiny_model_dir, send_type, policy
+):
     """KV that finds the host pool full is reported as not loaded."""
     prefill, decode = make_pair(
         tiny_model_dir,
@@ -179,41 +228,45 @@ def test_listener_survives_a_full_host_pool(pd_wire, tiny_model_dir, send_type, 
         mem_pool_size_gb=ONE_REQUEST_POOL_GB,
     )
     (first, first_prompt), (second, second_prompt) = new_request(1), new_request(2)
-    assert run_prefill(prefill, first, first_prompt) == [True] * len(LAYERS)
-    wait_received(decode, first)
-    assert decode.transport.pool.allocated() == len(LAYERS) * 1024
-    # The pool is full: the second request's KV does not fit.
-    sent = run_prefill(prefill, second, second_prompt)
-    assert decode.transport._listener_thread.is_alive(), (
-        "decode's listener died on a full host pool: no PUT is answered any more"
-    )
-    assert sent == [True] * len(LAYERS), "decode's listener stopped answering PUTs"
-    wait_received(decode, second)
+    with engine_clock.stopped():
+        assert run_prefill(prefill, first, first_prompt) == [True] * len(LAYERS)
+        wait_received(decode, first)
+        assert decode.transport.pool.allocated() == len(LAYERS) * 1024
+        # The pool is full: the second request's KV does not fit.
+        sent = run_prefill(prefill, second, second_prompt)
+        assert decode.transport._listener_thread.is_alive(), (
+            "decode's listener died on a full host pool: no PUT is answered any more"
+        )
+        assert sent == [True] * len(LAYERS), "decode's listener stopped answering PUTs"
+        wait_received(decode, second)
 
-    requests = {first: first_prompt, second: second_prompt}
-    completions = decode_within_bound(decode, requests)
+        requests = {first: first_prompt, second: second_prompt}
+        completions = decode_within_bound(decode, requests)
     assert_loaded(decode, completions[first].request_ids[0], first_prompt)
     for external_id, prompt in requests.items():
         assert_outcome(
             decode, completions[external_id], prompt, policy, external_id == second
         )
     assert_nothing_held(decode)
-    assert_serves(prefill, decode, *new_request(3))
+    assert_serves(engine_clock, prefill, decode, *new_request(3))
 
 
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 @pytest.mark.parametrize("storage", ["device", "host-pool"])
-def test_unclaimed_kv_is_freed(pd_wire, tiny_model_dir, send_type, policy, storage):
+def test_unclaimed_kv_is_freed(
+    pd_wire, engine_clock, tiny_model_dir, send_type, policy, storage
+):
     """KV whose decode never started is freed; a late decode fails at once."""
     options = {"kv_buffer_size": 1} if storage == "host-pool" else {}
     prefill, decode = make_pair(tiny_model_dir, send_type, policy, **options)
     external_id, prompt = new_request(1)
-    assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
-    wait_received(decode, external_id)
-    if storage == "device":
-        assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
-    else:
-        assert decode.transport.pool.allocated() == len(LAYERS) * 1024
+    with engine_clock.stopped():
+        assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
+        wait_received(decode, external_id)
+        if storage == "device":
+            assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
+        else:
+            assert decode.transport.pool.allocated() == len(LAYERS) * 1024
 
     # The decode request never comes (the client went away).
     wait_for(
@@ -232,31 +285,33 @@ def test_unclaimed_kv_is_freed(pd_wire, tiny_model_dir, send_type, policy, stora
 
     # A retry with the same X-Request-Id and prompt transfers again, and so
     # does another request.
-    assert_serves(prefill, decode, external_id, prompt)
-    assert_serves(prefill, decode, *new_request(2))
+    assert_serves(engine_clock, prefill, decode, external_id, prompt)
+    assert_serves(engine_clock, prefill, decode, *new_request(2))
 
 
-def test_kv_claimed_in_time_is_kept(pd_wire, tiny_model_dir, send_type):
+def test_kv_claimed_in_time_is_kept(pd_wire, engine_clock, tiny_model_dir, send_type):
     """KV that its request loaded stays until the request finishes."""
     prefill, decode = make_pair(tiny_model_dir, send_type)
     claimed, claimed_prompt = new_request(1)
-    assert run_prefill(prefill, claimed, claimed_prompt) == [True] * len(LAYERS)
-    wait_received(decode, claimed)
-    claimed_kv = held_of(decode, claimed)
-
-    # Decode starts the request as it comes (it loads its KV) and runs one
-    # step of it.
-    completion = decode.add_request(claimed, claimed_prompt, DECODE_MAX_TOKENS)
-    decode.step()
-    (req_id,) = completion.request_ids
-    assert_loaded(decode, req_id, claimed_prompt)
-
-    # KV that comes later and that no request loads is freed. By then the
-    # KV of the running request has waited longer, and it is kept (no longer
-    # counted against the buffer).
     unclaimed, unclaimed_prompt = new_request(2)
-    assert run_prefill(prefill, unclaimed, unclaimed_prompt) == [True] * len(LAYERS)
-    wait_received(decode, unclaimed)
+    with engine_clock.stopped():
+        assert run_prefill(prefill, claimed, claimed_prompt) == [True] * len(LAYERS)
+        wait_received(decode, claimed)
+        claimed_kv = held_of(decode, claimed)
+
+        # Decode starts the request as it comes (it loads its KV) and runs
+        # one step of it.
+        completion = decode.add_request(claimed, claimed_prompt, DECODE_MAX_TOKENS)
+        decode.step()
+        (req_id,) = completion.request_ids
+        assert_loaded(decode, req_id, claimed_prompt)
+
+        # KV that comes later and that no request loads is freed. By then the
+        # KV of the running request has waited longer, and it is kept (no
+        # longer counted against the buffer).
+        sent = run_prefill(prefill, unclaimed, unclaimed_prompt)
+        assert sent == [True] * len(LAYERS)
+        wait_received(decode, unclaimed)
     wait_for(
         lambda: not held_of(decode, unclaimed),
         "KV that no request loaded is held forever",
@@ -273,22 +328,24 @@ def test_kv_claimed_in_time_is_kept(pd_wire, tiny_model_dir, send_type):
 @pytest.mark.parametrize("policy", ["recompute", "fail"])
 @pytest.mark.parametrize("decodes_in_time", [0, 1])
 def test_retried_transfer_id(
-    pd_wire, tiny_model_dir, send_type, policy, decodes_in_time
+    pd_wire, engine_clock, tiny_model_dir, send_type, policy, decodes_in_time
 ):
     """Two prefills of one X-Request-Id and prompt (a client retry) share one
     received copy. Decodes that never come do not keep it; decodes that come
     late fail at once; later transfers of the id are not dropped."""
     prefill, decode = make_pair(tiny_model_dir, send_type, policy)
     external_id, prompt = new_request(1)
-    for copies in (1, 2):
-        assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
-        wait_received(decode, external_id, copies)
-    assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
+    with engine_clock.stopped():
+        for copies in (1, 2):
+            assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
+            wait_received(decode, external_id, copies)
+        assert decode.transport.buffer_size == len(LAYERS) * TENSOR_BYTES
 
-    for _ in range(decodes_in_time):
-        completion = decode_within_bound(decode, {external_id: prompt})[external_id]
-        assert_loaded(decode, completion.request_ids[0], prompt)
-        assert_outcome(decode, completion, prompt, policy, kv_missing=False)
+        for _ in range(decodes_in_time):
+            completion = decode_within_bound(decode, {external_id: prompt})
+            completion = completion[external_id]
+            assert_loaded(decode, completion.request_ids[0], prompt)
+            assert_outcome(decode, completion, prompt, policy, kv_missing=False)
     # The other decodes never come.
     wait_for(
         lambda: decode.transport.held_tensor_ids() == set(),
@@ -305,4 +362,4 @@ def test_retried_transfer_id(
     assert not decode.transport.recv_dropped
 
     # The id is retried once more: its KV is neither dropped nor refused.
-    assert_serves(prefill, decode, external_id, prompt)
+    assert_serves(engine_clock, prefill, decode, external_id, prompt)
