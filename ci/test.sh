@@ -91,7 +91,7 @@ side_by_side \
   "cd vllm_fork && ../.venv/bin/python -m pytest -p no:cacheprovider -q -m cpu_test \
     tests/v1/kv_connector/unit/test_p2p_nccl_connector.py \
     tests/v1/kv_connector/unit/test_invalid_blocks_correctness.py \
-    -k 'recompute_only or async_scheduling'" \
+    -k 'recompute_only or async_scheduling or v2_runner'" \
   "PYTHONPATH=$PWD/.series-tree .venv/bin/python -m pytest -p no:cacheprovider tests/cpu \
     --ignore=tests/cpu/test_two_engine.py --ignore=tests/cpu/test_reliability.py \
     --ignore=tests/cpu/test_load_failures.py" \
