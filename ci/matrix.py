@@ -46,6 +46,7 @@ WIRE_TIER = [
     "tests/cpu/test_dead_consumer.py",
     "tests/cpu/test_late_answers.py",
     "tests/cpu/test_received_kv_lifetime.py",
+    "tests/cpu/test_engine_state.py",
 ]
 # The KV transfer cases; the other tests get a line each.
 TRANSFER_TESTS = ("test_pd_transfer", "test_decode_preempted_and_resumed")
