@@ -37,12 +37,14 @@ pytestmark = [
 ]
 
 
-def run_prefill(prefill: PDEngine, prompt: list[int]) -> str:
+def run_prefill(
+    prefill: PDEngine, prompt: list[int], prefill_port: int = PREFILL_KV_PORT
+) -> str:
     """Prefill one proxied request; fail (not hang) if the producer is stuck.
 
     Returns the transfer id's request part (the X-Request-Id).
     """
-    external_id = proxy_request_id()
+    external_id = proxy_request_id(prefill_port)
     prefill.add_request(external_id, prompt, 1)
     run_until_idle_within(
         prefill, STUCK_S, "the prefill engine's step is stuck in a send"

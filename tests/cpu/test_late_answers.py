@@ -4,15 +4,16 @@ The two engines talk over vLLM's real ZMQ control plane (``zmq_wire``); an
 NCCL send returns once the peer's recv took the tensor, as it does for KV.
 A PUT or GET is answered by the peer's listener, which then waits in
 ncclRecv (PUT) or ncclSend (GET) for the transfer it agreed to. When the
-asking side gave up before that answer came (``send_timeout_s`` for a PUT,
-the load's ``recv_timeout_s`` for a GET), the series as it was dropped or
-replaced the socket and left the peer's listener waiting for good: later
-transfers between the pair got no answer, and a GET consumer's new NCCL
-handshake with that producer blocked. Patched, the asking side drops the
-connection (its late answers are skipped: answers name their message) and
-connects again; the new connection replaces the old one at the peer, whose
-transfer the late answer agreed to fails there. A producer that is gone
-costs at most one timeout, not a handshake that never ends.
+asking side gave up before that answer came (``send_timeout_s``; for a GET
+also the load's ``recv_timeout_s`` if that ends first), the series as it was
+dropped or replaced the socket and left the peer's listener waiting for
+good: later transfers between the pair got no answer, and a GET consumer's
+new NCCL handshake with that producer blocked. Patched, the asking side
+drops the connection (its late answers are skipped: answers name their
+message) and connects again; the new connection replaces the old one at the
+peer, whose transfer the late answer agreed to fails there. A producer that
+is gone costs at most one timeout, not a handshake that never ends, and one
+that does not answer costs a decode step ``send_timeout_s``, not all of it.
 """
 
 import itertools
@@ -101,10 +102,13 @@ def put_and_never_send(sock, tensor_id: str) -> None:
     assert answer == b"0" or msgpack.loads(answer)["ret"] == 0
 
 
-def connected_pair(model_dir: str, send_type: str) -> tuple[PDEngine, PDEngine]:
+def connected_pair(
+    model_dir: str, send_type: str, **options
+) -> tuple[PDEngine, PDEngine]:
     """A producer and a consumer that have transferred one request."""
-    prefill = PDEngine(model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **OPTIONS)
-    consumer = PDEngine(model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **OPTIONS)
+    options = options or OPTIONS
+    prefill = PDEngine(model_dir, "kv_producer", PREFILL_KV_PORT, send_type, **options)
+    consumer = PDEngine(model_dir, "kv_consumer", DECODE_KV_PORT, send_type, **options)
     prompt = make_prompt(1, 37)
     first = run_prefill(prefill, prompt)
     if send_type != "GET":
@@ -179,6 +183,46 @@ def test_consumer_receives_what_a_late_get_answer_agreed_to(
     decode(consumer, after, prompt)
     assert producer._listener_thread.is_alive()
     assert len(get_timeouts.tensor_ids) == 1
+
+
+def test_a_stalled_producer_leaves_the_step_to_other_producers(
+    zmq_wire,  # noqa: F811
+    tiny_model_dir,
+    get_timeouts,
+):
+    """A producer that takes GETs and never answers (a stopped process with
+    its socket open) costs a decode step send_timeout_s, not all of its
+    recv_timeout_s: the step's requests from other producers still load."""
+    options = {**OPTIONS, "recv_timeout_s": 25 * SEND_TIMEOUT_S}
+    stalled, consumer = connected_pair(tiny_model_dir, "GET", **options)
+    healthy = PDEngine(
+        tiny_model_dir, "kv_producer", PREFILL_KV_PORT + 10, "GET", **options
+    )
+    warm_up = make_prompt(2, 30)
+    decode(consumer, run_prefill(healthy, warm_up, PREFILL_KV_PORT + 10), warm_up)
+
+    prompts = [make_prompt(3, 30), make_prompt(4, 22)]
+    external_ids = [
+        run_prefill(stalled, prompts[0]),
+        run_prefill(healthy, prompts[1], PREFILL_KV_PORT + 10),
+    ]
+    stalled.transport.pause_listener()
+    completions = [
+        consumer.add_request(external_id, prompt, DECODE_MAX_TOKENS)
+        for external_id, prompt in zip(external_ids, prompts, strict=True)
+    ]
+    consumer.step()  # loads both requests' KV
+    stalled.transport.resume_listener()
+    run_until_idle_within(consumer, STUCK_S, "the decode engine's step is stuck")
+
+    assert len(get_timeouts.tensor_ids) == 1
+    assert not loaded(consumer, completions[0].request_ids[0], prompts[0])
+    assert loaded(consumer, completions[1].request_ids[0], prompts[1]), (
+        "a stalled producer used up the step's recv_timeout_s: the KV of "
+        "another producer was not loaded"
+    )
+    for completion, prompt in zip(completions, prompts, strict=True):
+        assert_reference_text(completion, prompt)
 
 
 def test_consumer_does_not_wait_again_for_a_dead_producer(

@@ -242,6 +242,8 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
             )
         )
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
+        # Written and never read by the engine (0012 removes it); stock's
+        # get_finished still pops from it.
         self.send_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.socks: dict[str, Any] = {}
         self.comms: dict[str, Any] = {}
@@ -286,8 +288,6 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
         if item.remote_address is None:
             return False
         NETWORK.peer(item.remote_address)._on_put(item.tensor_id, item.tensor)
-        if self.send_type == "PUT_ASYNC":
-            self.have_sent_tensor_id(item.tensor_id)
         return True
 
     # ---- the wire, receiver side of PUT (listen_for_requests, cmd PUT)
@@ -334,7 +334,6 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
             if tensor is None:
                 return None
             self.send_store[tensor_id] = tensor  # LRU, as the real engine
-            self.have_sent_tensor_id(tensor_id)
         return tensor.clone()
 
     def held_tensor_ids(self) -> set[str]:
