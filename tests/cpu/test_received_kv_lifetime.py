@@ -308,9 +308,8 @@ def test_kv_claimed_in_time_is_kept(pd_wire, engine_clock, tiny_model_dir, send_
         (req_id,) = completion.request_ids
         assert_loaded(decode, req_id, claimed_prompt)
 
-        # KV that comes later and that no request loads is freed. By then the
-        # KV of the running request has waited longer, and it is kept (no
-        # longer counted against the buffer).
+        # KV that comes later and that no request loads is freed; the KV of
+        # the running request is kept (no longer counted against the buffer).
         sent = run_prefill(prefill, unclaimed, unclaimed_prompt)
         assert sent == [True] * len(LAYERS)
         wait_received(decode, unclaimed)
