@@ -364,23 +364,3 @@ def test_retried_transfer_id(
 
     # The id is retried once more: its KV is neither dropped nor refused.
     assert_serves(engine_clock, prefill, decode, external_id, prompt)
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="known limit (UPSTREAM_PR): the marker a request leaves when it "
-    "gave up on its KV drops the next copy of its transfer id, also a "
-    "retry's own; fixing it needs a redesign of the received store",
-)
-def test_retry_after_lost_kv_loads_its_own(pd_wire, tiny_model_dir, send_type):
-    """A request gave up on KV that never came (its prefill died); the client
-    retries with the same X-Request-Id and prompt, and that prefill's KV
-    arrives: the retry loads it."""
-    prefill, decode = make_pair(tiny_model_dir, send_type, recv_timeout_s=1.0)
-    external_id, prompt = new_request(1)
-    lost = decode_within_bound(decode, {external_id: prompt})[external_id]
-    assert_outcome(decode, lost, prompt, "fail", kv_missing=True)
-
-    assert run_prefill(prefill, external_id, prompt) == [True] * len(LAYERS)
-    retry = decode_within_bound(decode, {external_id: prompt})[external_id]
-    assert_outcome(decode, retry, prompt, "fail", kv_missing=False)
