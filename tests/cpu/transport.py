@@ -241,9 +241,9 @@ class InProcessP2pEngine(p2p_nccl_engine.P2pNcclEngine):
                 "recv_expiry_s", getattr(p2p_nccl_engine, "DEFAULT_RECV_EXPIRY_S", 0)
             )
         )
+        # Written and never read by the engine (0012 removes them); stock's
+        # get_finished still pops from them.
         self.recv_request_id_to_tensor_ids: dict[str, set[str]] = {}
-        # Written and never read by the engine (0012 removes it); stock's
-        # get_finished still pops from it.
         self.send_request_id_to_tensor_ids: dict[str, set[str]] = {}
         self.socks: dict[str, Any] = {}
         self.comms: dict[str, Any] = {}
